@@ -1,0 +1,143 @@
+"""One decoder in memory, shared by the compressor and the reader.
+
+The ICAE-style compressor is the decoder plus its own LoRA adapter; the reader
+is the same decoder with that adapter switched off and, optionally, a reader
+or domain adapter switched on. :class:`Backbone` owns the model, the
+tokenizer, the peft adapters and a lock, so that compression and generation
+never see each other's adapter state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+import torch
+
+from .models import DecoderBundle, load_decoder
+
+
+class Backbone:
+    """A causal LM with named LoRA adapters that can be switched per call.
+
+    >>> backbone = Backbone.load()                       # embedded SmolLM2
+    >>> backbone.load_adapter("/adapters/legal", "legal")
+    >>> with backbone.using("legal") as model:
+    ...     out = model(inputs_embeds=embeds)
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, identity: str):
+        self.base_model = model
+        self.tokenizer = tokenizer
+        self.identity = identity
+        self.peft_model = None  # created on the first adapter
+        self.lock = threading.RLock()
+
+    @classmethod
+    def load(cls, name_or_path: Optional[Union[str, Path]] = None, *, dtype: torch.dtype = torch.float32) -> "Backbone":
+        bundle = load_decoder(name_or_path, dtype=dtype)
+        # One Backbone per loaded decoder so adapters injected into the model are shared, not duplicated.
+        existing = getattr(bundle, "_backbone", None)
+        if existing is None:
+            existing = cls(bundle.model, bundle.tokenizer, bundle.identity)
+            bundle._backbone = existing
+        return existing
+
+    @classmethod
+    def from_bundle(cls, bundle: DecoderBundle) -> "Backbone":
+        return cls(bundle.model, bundle.tokenizer, bundle.identity)
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def config(self):
+        return self.base_model.config
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def context_window(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 4096))
+
+    def embedding_table(self) -> torch.nn.Embedding:
+        return self.base_model.get_input_embeddings()
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table()(ids.to(self.device))
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of a text piece, without BOS or other special tokens re-added."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # --------------------------------------------------------------- adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.peft_model.peft_config) if self.peft_model is not None else []
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.adapter_names
+
+    def add_adapter(self, name: str, lora_config) -> None:
+        """Add a fresh LoRA adapter (e.g. for training)."""
+        from peft import get_peft_model
+
+        with self.lock:
+            if self.peft_model is None:
+                self.peft_model = get_peft_model(self.base_model, lora_config, adapter_name=name)
+            elif not self.has_adapter(name):
+                self.peft_model.add_adapter(name, lora_config)
+
+    def load_adapter(self, path: Union[str, Path], name: str, *, is_trainable: bool = False) -> None:
+        """Load a saved peft adapter directory under ``name`` (several can be loaded at once)."""
+        from peft import PeftModel
+
+        with self.lock:
+            if self.has_adapter(name):
+                return
+            if self.peft_model is None:
+                self.peft_model = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=name, is_trainable=is_trainable)
+            else:
+                self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable)
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.peft_model, adapter_name=name)
+
+    def set_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.peft_model, state, adapter_name=name)
+
+    @contextlib.contextmanager
+    def using(self, adapter: Optional[str]) -> Iterator[torch.nn.Module]:
+        """Yield the causal LM with only ``adapter`` active (``None``: plain base weights).
+
+        Trainability (``requires_grad``) of every parameter is left as it was:
+        peft's ``set_adapter`` would otherwise freeze the adapters of a joint
+        encoder + reader training step.
+        """
+        with self.lock:
+            if self.peft_model is None:
+                if adapter is not None:
+                    raise KeyError(f"Adapter '{adapter}' is not loaded (no adapters are). Load it with load_adapter().")
+                yield self.base_model
+                return
+            if adapter is None:
+                with self.peft_model.disable_adapter():
+                    yield self.base_model
+                return
+            if not self.has_adapter(adapter):
+                raise KeyError(f"Adapter '{adapter}' is not loaded; loaded adapters: {self.adapter_names}.")
+            grads = {n: p.requires_grad for n, p in self.peft_model.named_parameters()}
+            self.peft_model.base_model.set_adapter(adapter)
+            for n, p in self.peft_model.named_parameters():
+                p.requires_grad_(grads[n])
+            yield self.base_model

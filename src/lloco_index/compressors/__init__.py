@@ -1,0 +1,17 @@
+"""Compressors: text chunks -> soft prompts in the decoder's input-embedding space."""
+
+from .base import BaseCompressor, Compressor, CompressorConfig
+from .icae import ICAECompressor, ICAEConfig
+from .loading import load_compressor
+from .token_embedding import TokenEmbeddingCompressor, TokenEmbeddingConfig
+
+__all__ = [
+    "BaseCompressor",
+    "Compressor",
+    "CompressorConfig",
+    "ICAECompressor",
+    "ICAEConfig",
+    "TokenEmbeddingCompressor",
+    "TokenEmbeddingConfig",
+    "load_compressor",
+]

@@ -1,0 +1,230 @@
+"""The compressor protocol and the save/load plumbing shared by all compressors.
+
+A compressor turns chunks of text into soft prompts: tensors of shape
+``[positions, hidden_size]`` in the decoder's input-embedding space. Its
+``fingerprint`` names the exact weights and base model, so a store written
+by one compressor is never read with another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import defaults
+from ..backbone import Backbone
+from ..errors import EmptyDocumentError, ModelNotFoundError
+
+
+@runtime_checkable
+class Compressor(Protocol):
+    """What the store, node parser and LLM need from a compressor."""
+
+    n_slots: int
+    segment_length: int
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def backbone(self) -> Backbone: ...
+
+    def compress(self, texts: Sequence[str], *, batch_size: Optional[int] = None, progress: bool = False) -> list[torch.Tensor]: ...
+
+    def num_positions(self, n_tokens: int) -> int: ...
+
+
+@dataclass
+class CompressorConfig:
+    """Fields every compressor directory records in ``lloco_compressor.json``."""
+
+    mode: str = ""
+    base_model: str = defaults.DEFAULT_DECODER_NAME  # identity of the decoder it was trained with
+    n_slots: int = defaults.DEFAULT_N_SLOTS
+    segment_length: int = defaults.DEFAULT_SEGMENT_LENGTH
+    storage_dtype: str = "bfloat16"
+    extra: dict[str, Any] = field(default_factory=dict)  # training provenance, metrics
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class BaseCompressor:
+    """Shared behaviour: tokenising into segments, batching, fingerprints, save/load.
+
+    Subclasses implement :meth:`_compress_segments` (a batch of token-id lists,
+    each at most ``segment_length`` long, to one tensor per segment) and say
+    which tensors make up their weights in :meth:`weights`.
+    """
+
+    mode: ClassVar[str] = ""
+    config_class: ClassVar[type] = CompressorConfig
+
+    def __init__(self, backbone: Backbone, config: CompressorConfig):
+        self._backbone = backbone
+        self.config = config
+        self.config.mode = self.mode
+        self._fingerprint: Optional[str] = None
+
+    # ------------------------------------------------------------- protocol
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone
+
+    @property
+    def n_slots(self) -> int:
+        return self.config.n_slots
+
+    @property
+    def segment_length(self) -> int:
+        return self.config.segment_length
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return getattr(torch, self.config.storage_dtype)
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of mode, base model, config and weights (first 16 hex digits)."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            cfg = asdict(self.config)
+            cfg.pop("extra", None)  # provenance notes do not change the vectors
+            h.update(json.dumps(cfg, sort_keys=True).encode())
+            h.update(self.backbone.identity.encode())
+            h.update(tensors_digest(self.weights()).encode())
+            self._fingerprint = f"{self.mode}-{h.hexdigest()[:16]}"
+        return self._fingerprint
+
+    def invalidate_fingerprint(self) -> None:
+        """Call after changing weights (training does)."""
+        self._fingerprint = None
+
+    def num_positions(self, n_tokens: int) -> int:
+        """Decoder positions taken by the soft prompt of a chunk of ``n_tokens`` tokens."""
+        full, rest = divmod(n_tokens, self.segment_length)
+        return full * self._segment_positions(self.segment_length) + (self._segment_positions(rest) if rest else 0)
+
+    def _segment_positions(self, n_tokens: int) -> int:
+        return self.n_slots
+
+    # ---------------------------------------------------------- compression
+    def tokenize_segments(self, text: str) -> list[list[int]]:
+        """Token ids of ``text`` cut into segments of at most ``segment_length``."""
+        if not isinstance(text, str) or not text.strip():
+            raise EmptyDocumentError(
+                "Cannot compress an empty or whitespace-only text: drop empty documents before compressing "
+                "(LLoCONodeParser skips them)."
+            )
+        ids = self.backbone.tokenize(text)
+        if not ids:
+            raise EmptyDocumentError(f"Text {text[:40]!r} has no tokens under the decoder's tokenizer; drop it.")
+        return [ids[i : i + self.segment_length] for i in range(0, len(ids), self.segment_length)]
+
+    def compress(self, texts: Sequence[str], *, batch_size: Optional[int] = None, progress: bool = False) -> list[torch.Tensor]:
+        """Compress each text to one soft prompt ``[positions, hidden]`` (segments concatenated).
+
+        >>> [prompt] = compressor.compress(["A long chunk of text ..."])
+        >>> prompt.shape   # (n_slots, hidden_size) for a text of one segment
+        """
+        batch_size = batch_size or defaults.DEFAULT_COMPRESS_BATCH_SIZE
+        per_text = [self.tokenize_segments(t) for t in texts]
+        return self._compress_texts(per_text, batch_size=batch_size, progress=progress)
+
+    def _compress_texts(self, per_text: list[list[list[int]]], *, batch_size: int, progress: bool) -> list[torch.Tensor]:
+        """Default: segments are independent, so batch them across texts."""
+        flat = [(i, seg) for i, segs in enumerate(per_text) for seg in segs]
+        # Similar lengths together waste less padding.
+        order = sorted(range(len(flat)), key=lambda j: len(flat[j][1]))
+        outputs: list[Optional[torch.Tensor]] = [None] * len(flat)
+        bar = tqdm(total=len(flat), desc="compressing", unit="seg", disable=not progress)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                results = self._compress_segments([flat[j][1] for j in idx])
+                for j, r in zip(idx, results):
+                    outputs[j] = r.to(self.storage_dtype).cpu()
+                bar.update(len(idx))
+        bar.close()
+        grouped: list[list[torch.Tensor]] = [[] for _ in per_text]
+        for (i, _), out in zip(flat, outputs):
+            grouped[i].append(out)
+        return [torch.cat(g, dim=0) for g in grouped]
+
+    def _compress_segments(self, segments: list[list[int]]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    # -------------------------------------------------------- persistence
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Tensors that, with the config and base model, define this compressor."""
+        return {}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise ValueError(f"{type(self).__name__} has no weights, got {sorted(tensors)[:3]}")
+
+    def save_pretrained(self, directory: Union[str, Path]) -> None:
+        """Write ``lloco_compressor.json`` + ``compressor.safetensors`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.base_model = self.backbone.identity
+        atomic_save_safetensors(self.weights(), directory / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
+        atomic_write_bytes(directory / defaults.COMPRESSOR_CONFIG_NAME, self.config.to_json().encode())
+
+    @classmethod
+    def _from_directory(cls, directory: Path, backbone: Backbone, config_dict: dict) -> "BaseCompressor":
+        from safetensors.torch import load_file
+
+        fields = {k: v for k, v in config_dict.items() if k in cls.config_class.__dataclass_fields__}
+        config = cls.config_class(**fields)
+        compressor = cls(backbone, config)
+        weights_path = directory / defaults.COMPRESSOR_WEIGHTS_NAME
+        if weights_path.is_file():
+            try:
+                tensors = load_file(str(weights_path))
+            except Exception as exc:
+                raise ModelNotFoundError(
+                    f"{weights_path} is corrupt or truncated ({exc}); restore it from the package or retrain."
+                ) from exc
+            compressor.load_weights(tensors)
+        return compressor

@@ -1,0 +1,182 @@
+"""ICAE-style compressor (seed 001) and its window mean-pooling variant.
+
+The encoder is the decoder itself with its own LoRA adapter
+(``lloco_compressor``). Two ways to read a segment out of it:
+
+* ``pooling="memory"``: ``n_slots`` learned memory-token embeddings are
+  appended after the segment's tokens; the soft prompt is the last-layer
+  hidden states at those positions (ICAE).
+* ``pooling="mean"``: the last-layer hidden states of the segment's own tokens
+  are mean-pooled over windows of ``segment_length // n_slots`` tokens (no new
+  parameters, any ratio; Feldman & Artzi).
+
+Either way a :class:`SoftPromptProjection` maps the result into the decoder's
+input-embedding space. The decoder reads the soft prompts with the compressor
+adapter switched off, optionally with a reader adapter trained alongside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import defaults
+from ..backbone import Backbone
+from ..models import autocast
+from .base import BaseCompressor, CompressorConfig
+from .projection import SoftPromptProjection
+
+ENCODER_ADAPTER = "lloco_compressor"
+READER_ADAPTER = "lloco_reader"
+READER_SUBDIR = "reader"
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ICAEConfig(CompressorConfig):
+    mode: str = "icae"
+    pooling: str = "memory"  # "memory" (learned memory tokens) or "mean" (window mean-pooling)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    has_reader: bool = False  # a reader adapter is saved beside the compressor
+
+
+class ICAEHead(nn.Module):
+    """The compressor's own parameters besides its LoRA: memory tokens and the projection."""
+
+    def __init__(self, hidden: int, n_slots: int, pooling: str, target_norm: float, init_memory: Optional[torch.Tensor]):
+        super().__init__()
+        if pooling == "memory":
+            memory = init_memory if init_memory is not None else torch.randn(n_slots, hidden) * 0.02
+            self.memory = nn.Parameter(memory.clone().float())
+        self.projection = SoftPromptProjection(hidden, hidden, target_norm=target_norm)
+
+
+class ICAECompressor(BaseCompressor):
+    """Compress chunks with the decoder + a LoRA encoder adapter.
+
+    >>> backbone = Backbone.load()
+    >>> compressor = ICAECompressor(backbone, ICAEConfig(n_slots=32, segment_length=256, pooling="mean"))
+    >>> soft_prompts = compressor.compress(["chunk one ...", "chunk two ..."])
+    """
+
+    mode = "icae"
+    config_class = ICAEConfig
+
+    def __init__(self, backbone: Backbone, config: Optional[ICAEConfig] = None):
+        config = config or ICAEConfig()
+        if config.pooling not in ("memory", "mean"):
+            raise ValueError(f"pooling must be 'memory' or 'mean', got {config.pooling!r}")
+        if config.segment_length % config.n_slots and config.pooling == "mean":
+            raise ValueError("mean pooling needs segment_length to be a multiple of n_slots")
+        super().__init__(backbone, config)
+        from peft import LoraConfig
+
+        backbone.add_adapter(
+            ENCODER_ADAPTER,
+            LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.lora_targets),
+        )
+        table = backbone.embedding_table().weight.detach()
+        target_norm = float(table.float().norm(dim=-1).mean())
+        # Memory tokens start as real token embeddings: in-distribution inputs for the encoder.
+        init = table[torch.randint(0, table.shape[0], (config.n_slots,), generator=torch.Generator().manual_seed(0))]
+        self.head = ICAEHead(backbone.hidden_size, config.n_slots, config.pooling, target_norm, init.float()).to(backbone.device)
+
+    @property
+    def window(self) -> int:
+        return self.segment_length // self.n_slots
+
+    @property
+    def reader_adapter(self) -> Optional[str]:
+        """Name of the reader adapter the decoder should use with these soft prompts, if any."""
+        return READER_ADAPTER if self.backbone.has_adapter(READER_ADAPTER) else None
+
+    def _segment_positions(self, n_tokens: int) -> int:
+        return self.n_slots if self.config.pooling == "memory" else math.ceil(n_tokens / self.window)
+
+    # ------------------------------------------------------------ encoder
+    def encode(self, segments: list[list[int]]) -> list[torch.Tensor]:
+        """Differentiable encoder: token-id segments -> soft prompts (used by training and compress)."""
+        device = self.backbone.device
+        emb = self.backbone.embedding_table()
+        lengths = [len(s) for s in segments]
+        width = max(lengths)
+        pad_id = self.backbone.tokenizer.pad_token_id or 0
+        if self.config.pooling == "memory":
+            # Left padding puts every segment's memory tokens at the same final positions.
+            ids = torch.tensor([[pad_id] * (width - n) + s for s, n in zip(segments, lengths)], device=device)
+            tok_mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=device)
+            mem = self.head.memory.unsqueeze(0).expand(len(segments), -1, -1)
+            inputs = torch.cat([emb(ids), mem.to(emb.weight.dtype)], dim=1)
+            mask = torch.cat([tok_mask, torch.ones(len(segments), self.n_slots, dtype=tok_mask.dtype, device=device)], 1)
+        else:
+            ids = torch.tensor([s + [pad_id] * (width - n) for s, n in zip(segments, lengths)], device=device)
+            mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
+            inputs = emb(ids)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with self.backbone.using(ENCODER_ADAPTER) as model, autocast(device):
+            hidden = model.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
+        if self.config.pooling == "memory":
+            pooled = [h for h in hidden[:, -self.n_slots :]]
+        else:
+            pooled = [self._mean_windows(h[:n]) for h, n in zip(hidden, lengths)]
+        return [self.head.projection(p) for p in pooled]
+
+    def _mean_windows(self, hidden: torch.Tensor) -> torch.Tensor:
+        n = hidden.shape[0]
+        slots = math.ceil(n / self.window)
+        padded = torch.zeros(slots * self.window, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+        padded[:n] = hidden
+        counts = torch.full((slots,), float(self.window), device=hidden.device)
+        counts[-1] = n - (slots - 1) * self.window
+        return padded.view(slots, self.window, -1).sum(1) / counts.unsqueeze(-1).to(hidden.dtype)
+
+    def _compress_segments(self, segments: list[list[int]]) -> list[torch.Tensor]:
+        return self.encode(segments)
+
+    # -------------------------------------------------------- persistence
+    def weights(self) -> dict[str, torch.Tensor]:
+        tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        tensors.update({f"lora.{k}": v for k, v in self.backbone.adapter_state_dict(ENCODER_ADAPTER).items()})
+        return tensors
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        head = {k[len("head.") :]: v for k, v in tensors.items() if k.startswith("head.")}
+        lora = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
+        self.head.load_state_dict(head)
+        if lora:
+            self.backbone.set_adapter_state_dict(ENCODER_ADAPTER, lora)
+        self.invalidate_fingerprint()
+
+    def save_pretrained(self, directory) -> None:
+        directory = Path(directory)
+        self.config.has_reader = self.reader_adapter is not None
+        super().save_pretrained(directory)
+        if self.config.has_reader:
+            self.backbone.peft_model.save_pretrained(str(directory / "_peft_tmp"), selected_adapters=[READER_ADAPTER])
+            _move_adapter_dir(directory / "_peft_tmp", READER_ADAPTER, directory / READER_SUBDIR)
+
+    @classmethod
+    def _from_directory(cls, directory: Path, backbone: Backbone, config_dict: dict) -> "ICAECompressor":
+        compressor = super()._from_directory(directory, backbone, config_dict)
+        if compressor.config.has_reader and (directory / READER_SUBDIR).is_dir():
+            backbone.load_adapter(directory / READER_SUBDIR, READER_ADAPTER)
+        return compressor
+
+
+def _move_adapter_dir(tmp: Path, adapter: str, target: Path) -> None:
+    """peft saves non-default adapters under a subfolder; flatten it to ``target`` atomically."""
+    import os
+    import shutil
+
+    source = tmp / adapter if (tmp / adapter).is_dir() else tmp
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(source, target)
+    shutil.rmtree(tmp, ignore_errors=True)

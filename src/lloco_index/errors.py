@@ -1,0 +1,36 @@
+"""Exceptions raised by lloco-index. Each message names the problem and the fix."""
+
+
+class LLoCOError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class EmptyDocumentError(LLoCOError, ValueError):
+    """A document or chunk has no text to compress."""
+
+
+class UnknownPlaceholderError(LLoCOError, KeyError):
+    """A prompt names a soft-prompt id that the store does not hold."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreMismatchError(LLoCOError):
+    """A soft-prompt store was written by another compressor or base model."""
+
+
+class CorruptStoreError(LLoCOError):
+    """A store file is truncated, corrupt or missing."""
+
+
+class ModelNotFoundError(LLoCOError, FileNotFoundError):
+    """A model file or directory is missing."""
+
+
+class AdapterMismatchError(LLoCOError):
+    """A LoRA adapter was trained against another compressor or base model."""
+
+
+class ContextBudgetError(LLoCOError, ValueError):
+    """A prompt does not fit into the model's context window."""

@@ -1,0 +1,221 @@
+"""The soft-prompt reader: prompt text with placeholders -> input embeddings -> tokens.
+
+Prompt text arrives from an unchanged LlamaIndex or LangChain template. The
+reader applies the model's chat template to the messages, splits the result
+on placeholders, embeds the text pieces with the decoder's own embedding
+table (no BOS re-added), splices each soft prompt in where its placeholder
+stood, and generates from ``inputs_embeds`` with the selected LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from . import defaults
+from .backbone import Backbone
+from .errors import ContextBudgetError
+from .models import autocast
+from .placeholders import SoftPromptRef, split_prompt
+from .store import SoftPromptStore
+
+AUTO = "auto"  # use the compressor's reader adapter when it ships one
+
+
+@dataclass
+class PreparedPrompt:
+    """What the decoder will read, and how the positions split between text and soft prompts."""
+
+    inputs_embeds: torch.Tensor  # [1, positions, hidden]
+    text_positions: int
+    soft_positions: int
+    soft_prompt_ids: list[str] = field(default_factory=list)
+
+    @property
+    def positions(self) -> int:
+        return self.text_positions + self.soft_positions
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt: PreparedPrompt
+    new_tokens: int
+    prefill_s: float = 0.0
+    total_s: float = 0.0
+
+
+Message = dict  # {"role": "user" | "system" | "assistant", "content": str}
+
+
+class SoftPromptReader:
+    """Read prompts that contain ``<|lloco:ID|>`` placeholders with a decoder.
+
+    >>> reader = SoftPromptReader(compressor.backbone, store, adapter="auto", compressor=compressor)
+    >>> reader.generate([{"role": "user", "content": f"Context: {placeholder}\\nQ: who?"}])
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        store: Optional[SoftPromptStore] = None,
+        *,
+        compressor=None,
+        adapter: Optional[str] = AUTO,
+        max_new_tokens: int = defaults.DEFAULT_MAX_NEW_TOKENS,
+        system_prompt: Optional[str] = None,
+    ):
+        self.backbone = backbone
+        self.store = store
+        self.compressor = compressor
+        self.default_adapter = adapter
+        self.max_new_tokens = max_new_tokens
+        self.system_prompt = system_prompt
+
+    # ------------------------------------------------------------- adapters
+    def resolve_adapter(self, adapter: Optional[str] = AUTO) -> Optional[str]:
+        adapter = self.default_adapter if adapter == AUTO else adapter
+        if adapter == AUTO:
+            return getattr(self.compressor, "reader_adapter", None)
+        return adapter
+
+    # ------------------------------------------------------------ templates
+    def render(self, messages: Sequence[Message]) -> str:
+        """The prompt text the decoder reads (placeholders still in it)."""
+        messages = list(messages)
+        if self.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        tok = self.backbone.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # Base models (e.g. LLaMA-2 + AutoCompressor) have no template: plain text, BOS first.
+        body = "\n\n".join(m["content"] for m in messages)
+        return (tok.bos_token or "") + body
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.backbone.tokenize(text)
+
+    def count_positions(self, text: str) -> int:
+        """Positions ``text`` takes in the decoder: its tokens plus each soft prompt's real length."""
+        total = 0
+        for piece in split_prompt(text):
+            if isinstance(piece, SoftPromptRef):
+                total += self._store().num_positions(piece)
+            else:
+                total += len(self.text_ids(piece))
+        return total
+
+    def _store(self) -> SoftPromptStore:
+        if self.store is None:
+            raise ContextBudgetError("This prompt contains soft-prompt placeholders but the reader has no SoftPromptStore.")
+        return self.store
+
+    # -------------------------------------------------------------- inputs
+    def prepare(self, messages: Sequence[Message], *, max_new_tokens: Optional[int] = None) -> PreparedPrompt:
+        """Build ``inputs_embeds`` for the rendered messages; unknown ids raise UnknownPlaceholderError."""
+        text = self.render(messages)
+        table = self.backbone.embedding_table()
+        pieces: list[torch.Tensor] = []
+        text_positions = soft_positions = 0
+        used: list[str] = []
+        for piece in split_prompt(text):
+            if isinstance(piece, SoftPromptRef):
+                soft = self._store().get(piece).to(device=table.weight.device, dtype=table.weight.dtype)
+                if soft.shape[-1] != table.weight.shape[1]:
+                    raise ContextBudgetError(
+                        f"Soft prompt '{piece}' has hidden size {soft.shape[-1]} but the decoder expects "
+                        f"{table.weight.shape[1]}: the store belongs to another model."
+                    )
+                pieces.append(soft)
+                soft_positions += soft.shape[0]
+                used.append(str(piece))
+            else:
+                ids = self.text_ids(piece)
+                if ids:
+                    with torch.no_grad():
+                        pieces.append(table(torch.tensor(ids, device=table.weight.device)))
+                    text_positions += len(ids)
+        embeds = torch.cat(pieces, dim=0).unsqueeze(0)
+        prepared = PreparedPrompt(embeds, text_positions, soft_positions, used)
+        limit = self.backbone.context_window - (max_new_tokens or self.max_new_tokens)
+        if prepared.positions > limit:
+            raise ContextBudgetError(
+                f"The prompt takes {prepared.positions} positions ({soft_positions} of soft prompts) but the model's "
+                f"window leaves {limit} after {max_new_tokens or self.max_new_tokens} new tokens. Retrieve fewer "
+                f"chunks (lower top_k or the retriever's position_budget) or shorten the prompt."
+            )
+        return prepared
+
+    # ----------------------------------------------------------- generation
+    def _generate_kwargs(self, prepared: PreparedPrompt, max_new_tokens: Optional[int], stop_ids=None) -> dict:
+        tok = self.backbone.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        return dict(
+            inputs_embeds=prepared.inputs_embeds,
+            attention_mask=torch.ones(prepared.inputs_embeds.shape[:2], dtype=torch.long, device=prepared.inputs_embeds.device),
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0),
+            eos_token_id=eos or None,
+        )
+
+    def generate(self, messages: Sequence[Message], *, adapter: Optional[str] = AUTO,
+                 max_new_tokens: Optional[int] = None) -> GenerationResult:
+        """Greedy answer to ``messages`` (new text only)."""
+        start = time.perf_counter()
+        prepared = self.prepare(messages, max_new_tokens=max_new_tokens)
+        with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, autocast(self.backbone.device):
+            out = model.generate(**self._generate_kwargs(prepared, max_new_tokens))
+        # generate(inputs_embeds=...) returns only the new tokens.
+        new = out[0]
+        text = self.backbone.tokenizer.decode(new, skip_special_tokens=True)
+        return GenerationResult(text=text.strip(), prompt=prepared, new_tokens=int(new.shape[0]), total_s=time.perf_counter() - start)
+
+    def stream(self, messages: Sequence[Message], *, adapter: Optional[str] = AUTO,
+               max_new_tokens: Optional[int] = None) -> Iterator[str]:
+        """Yield text deltas as they are generated."""
+        from transformers import TextIteratorStreamer
+
+        prepared = self.prepare(messages, max_new_tokens=max_new_tokens)
+        streamer = TextIteratorStreamer(self.backbone.tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=600)
+        resolved = self.resolve_adapter(adapter)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode(), self.backbone.using(resolved) as model, autocast(self.backbone.device):
+                    model.generate(**self._generate_kwargs(prepared, max_new_tokens), streamer=streamer)
+            except BaseException as exc:  # surfaced in the caller's thread
+                errors.append(exc)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        first = True
+        for delta in streamer:
+            if first:
+                delta = delta.lstrip()
+                first = False
+            if delta:
+                yield delta
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def score_options(self, messages: Sequence[Message], options: Sequence[str], *, adapter: Optional[str] = AUTO) -> list[float]:
+        """Mean log-likelihood of each option as the assistant's answer (multiple-choice scoring)."""
+        prepared = self.prepare(messages)
+        table = self.backbone.embedding_table()
+        scores = []
+        with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, autocast(self.backbone.device):
+            for option in options:
+                ids = torch.tensor(self.text_ids(option), device=table.weight.device)
+                embeds = torch.cat([prepared.inputs_embeds[0], table(ids)], 0).unsqueeze(0)
+                logits = model(inputs_embeds=embeds).logits[0, prepared.positions - 1 : -1].float()
+                logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+                scores.append(float(logp.mean()))
+        return scores

@@ -1,0 +1,51 @@
+"""The placeholder that stands for a soft prompt in prompt text.
+
+Compressed nodes carry ``<|lloco:ID|>`` as their LLM-facing content, so they
+flow unchanged through LlamaIndex and LangChain prompt templates; only the
+LLM wrapper turns a placeholder back into vectors.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator, Union
+
+from .defaults import PLACEHOLDER_PREFIX, PLACEHOLDER_SUFFIX
+
+PLACEHOLDER_RE = re.compile(re.escape(PLACEHOLDER_PREFIX) + r"([0-9A-Za-z_\-]+)" + re.escape(PLACEHOLDER_SUFFIX))
+
+
+def make_placeholder(prompt_id: str) -> str:
+    """``make_placeholder("ab12") -> "<|lloco:ab12|>"``."""
+    return f"{PLACEHOLDER_PREFIX}{prompt_id}{PLACEHOLDER_SUFFIX}"
+
+
+def find_ids(text: str) -> list[str]:
+    """All soft-prompt ids named in ``text``, in order (repeats kept)."""
+    return PLACEHOLDER_RE.findall(text)
+
+
+class SoftPromptRef(str):
+    """A piece of a split prompt that is a placeholder; the string value is the id."""
+
+
+def split_prompt(text: str) -> list[Union[str, SoftPromptRef]]:
+    """Split text into plain pieces and :class:`SoftPromptRef` ids, in order.
+
+    >>> split_prompt("a <|lloco:x1|> b")
+    ['a ', 'x1', ' b']
+    """
+    pieces: list[Union[str, SoftPromptRef]] = []
+    pos = 0
+    for match in PLACEHOLDER_RE.finditer(text):
+        if match.start() > pos:
+            pieces.append(text[pos : match.start()])
+        pieces.append(SoftPromptRef(match.group(1)))
+        pos = match.end()
+    if pos < len(text):
+        pieces.append(text[pos:])
+    return pieces
+
+
+def iter_refs(pieces: list) -> Iterator[SoftPromptRef]:
+    return (p for p in pieces if isinstance(p, SoftPromptRef))
