@@ -28,8 +28,9 @@ class Backbone:
     ...     out = model(inputs_embeds=embeds)
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, identity: str):
+    def __init__(self, model: torch.nn.Module, tokenizer, identity: str, source_path: Optional[str] = None):
         self.base_model = model
+        self.source_path = source_path  # where to reload the decoder from (None: the embedded default)
         self.tokenizer = tokenizer
         self.identity = identity
         self.peft_model = None  # created on the first adapter
@@ -41,13 +42,13 @@ class Backbone:
         # One Backbone per loaded decoder so adapters injected into the model are shared, not duplicated.
         existing = getattr(bundle, "_backbone", None)
         if existing is None:
-            existing = cls(bundle.model, bundle.tokenizer, bundle.identity)
+            existing = cls(bundle.model, bundle.tokenizer, bundle.identity, bundle.source_path)
             bundle._backbone = existing
         return existing
 
     @classmethod
     def from_bundle(cls, bundle: DecoderBundle) -> "Backbone":
-        return cls(bundle.model, bundle.tokenizer, bundle.identity)
+        return cls(bundle.model, bundle.tokenizer, bundle.identity, bundle.source_path)
 
     # ------------------------------------------------------------------ facts
     @property

@@ -38,6 +38,7 @@ class DecoderBundle:
     model: torch.nn.Module
     tokenizer: object
     identity: str  # e.g. "SmolLM2-135M-Instruct" or "local:<name>:<config hash>"
+    source_path: Optional[str] = None  # the local directory, for non-default decoders
 
 
 def _package_dir(package: str) -> Path:
@@ -132,7 +133,7 @@ def load_decoder(name_or_path: Optional[Union[str, Path]] = None, *, dtype: torc
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    bundle = DecoderBundle(model=model, tokenizer=tokenizer, identity=identity)
+    bundle = DecoderBundle(model=model, tokenizer=tokenizer, identity=identity, source_path=None if name_or_path is None else str(path))
     _MODEL_CACHE[key] = bundle
     return bundle
 

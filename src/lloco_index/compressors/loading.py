@@ -13,11 +13,17 @@ from .base import BaseCompressor
 
 
 def _registry() -> dict[str, type]:
-    from .autocompressor import AutoCompressor
     from .icae import ICAECompressor
     from .token_embedding import TokenEmbeddingCompressor
 
-    return {c.mode: c for c in (ICAECompressor, TokenEmbeddingCompressor, AutoCompressor)}
+    classes = [ICAECompressor, TokenEmbeddingCompressor]
+    try:  # TODO(lead): import unconditionally once autocompressor.py lands
+        from .autocompressor import AutoCompressor
+
+        classes.append(AutoCompressor)
+    except ModuleNotFoundError:
+        pass
+    return {c.mode: c for c in classes}
 
 
 def read_compressor_config(directory: Union[str, Path]) -> dict:
@@ -53,7 +59,9 @@ def load_compressor(
         raise ModelNotFoundError(f"{directory}: unknown compressor mode {mode!r}; known: {sorted(registry)}.")
     cls = registry[mode]
     if hasattr(cls, "from_pretrained_directory"):  # AutoCompressor carries its own decoder weights
-        return cls.from_pretrained_directory(directory, config)
+        compressor = cls.from_pretrained_directory(directory, config)
+        compressor.source_dir = directory.resolve()
+        return compressor
     if backbone is None:
         backbone = Backbone.load(decoder if decoder is not None else _decoder_for(config))
     if config.get("base_model") and config["base_model"] != backbone.identity:
@@ -61,7 +69,9 @@ def load_compressor(
             f"Compressor at '{directory}' was trained for base model '{config['base_model']}', but the loaded decoder "
             f"is '{backbone.identity}'. Load the decoder it was trained with, or train a compressor for this one."
         )
-    return cls._from_directory(directory, backbone, config)
+    compressor = cls._from_directory(directory, backbone, config)
+    compressor.source_dir = directory.resolve()
+    return compressor
 
 
 def _decoder_for(config: dict) -> Optional[str]:

@@ -1,0 +1,172 @@
+"""LLoCOLLM: a LlamaIndex CustomLLM that reads soft-prompt placeholders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from llama_index.core.base.llms.types import (
+    ChatMessage,
+    ChatResponse,
+    ChatResponseGen,
+    CompletionResponse,
+    CompletionResponseGen,
+    LLMMetadata,
+    MessageRole,
+)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
+from llama_index.core.llms.custom import CustomLLM
+
+from .. import defaults
+from ..generation import AUTO, GenerationResult, SoftPromptReader
+from ..store import SoftPromptStore
+
+
+def _role(role: MessageRole) -> str:
+    value = role.value if hasattr(role, "value") else str(role)
+    return value if value in ("system", "user", "assistant") else "user"
+
+
+class LLoCOLLM(CustomLLM):
+    """A local decoder that reads ``<|lloco:ID|>`` placeholders as soft prompts.
+
+    >>> llm = LLoCOLLM.from_persist_dir("./storage")          # compressor + store of an index
+    >>> llm.complete("Context: <|lloco:3f2a...|>\\nQuestion: ...").text
+    >>> llm.load_adapter("./adapters/legal", "legal"); llm.complete(prompt, adapter="legal")
+
+    Use it with :class:`LLoCOQueryEngine` (or ``Settings`` from
+    :func:`configure_settings`), so that LlamaIndex counts each placeholder as
+    the positions its soft prompt really takes.
+    """
+
+    model_name: str = Field(default=defaults.DEFAULT_DECODER_NAME, description="Identity of the decoder.")
+    adapter: Optional[str] = Field(default=AUTO, description="LoRA adapter to read with: a loaded name, None, or 'auto'.")
+    max_new_tokens: int = Field(default=defaults.DEFAULT_MAX_NEW_TOKENS, description="Tokens to generate per call.")
+    context_window: int = Field(default=defaults.DEFAULT_CONTEXT_WINDOW, description="Decoder positions per call.")
+    system_prompt: Optional[str] = Field(default=None, description="System prompt added when the messages have none.")
+
+    _reader: SoftPromptReader = PrivateAttr()
+    _compressor: Any = PrivateAttr()
+
+    def __init__(self, compressor, store: Optional[SoftPromptStore] = None, **kwargs: Any):
+        backbone = compressor.backbone
+        kwargs.setdefault("model_name", backbone.identity)
+        kwargs.setdefault("context_window", backbone.context_window)
+        super().__init__(**kwargs)
+        if store is not None:
+            store.check_compressor(compressor)
+        self._compressor = compressor
+        self._reader = SoftPromptReader(backbone, store, compressor=compressor, adapter=self.adapter,
+                                        max_new_tokens=self.max_new_tokens, system_prompt=self.system_prompt)
+
+    @classmethod
+    def from_persist_dir(cls, persist_dir: Union[str, Path], compressor=None, **kwargs: Any) -> "LLoCOLLM":
+        """The LLM for an index persisted with :func:`build_index` (its compressor is reloaded when not given)."""
+        from .index import load_compressor_for
+
+        compressor = compressor or load_compressor_for(persist_dir)
+        return cls(compressor, SoftPromptStore.open(persist_dir, compressor), **kwargs)
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LLoCOLLM"
+
+    # ---------------------------------------------------------------- parts
+    @property
+    def reader(self) -> SoftPromptReader:
+        return self._reader
+
+    @property
+    def compressor(self):
+        return self._compressor
+
+    @property
+    def store(self) -> Optional[SoftPromptStore]:
+        return self._reader.store
+
+    @store.setter
+    def store(self, store: SoftPromptStore) -> None:
+        store.check_compressor(self._compressor)
+        self._reader.store = store
+
+    def load_adapter(self, path: Union[str, Path], name: str) -> None:
+        """Load a LoRA adapter (peft directory) to select per call with ``adapter=name``."""
+        from ..adapters import check_adapter
+
+        check_adapter(path, self._compressor)
+        self._compressor.backbone.load_adapter(path, name)
+
+    def count_positions(self, text: str) -> int:
+        return self._reader.count_positions(text)
+
+    def position_tokenizer(self):
+        """A tokenizer callable for LlamaIndex whose length is the real number of positions."""
+        return PositionTokenizer(self._reader)
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        return LLMMetadata(
+            context_window=self.context_window,
+            num_output=self.max_new_tokens,
+            is_chat_model=True,
+            model_name=self.model_name,
+            system_role=MessageRole.SYSTEM,
+        )
+
+    # ----------------------------------------------------------- generation
+    def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
+        return [{"role": _role(m.role), "content": m.content or ""} for m in messages]
+
+    def _result(self, result: GenerationResult) -> dict:
+        p = result.prompt
+        return {"positions": p.positions, "text_positions": p.text_positions, "soft_positions": p.soft_positions,
+                "soft_prompt_ids": p.soft_prompt_ids, "new_tokens": result.new_tokens, "seconds": result.total_s}
+
+    def _call_kwargs(self, kwargs: dict) -> dict:
+        return {"adapter": kwargs.get("adapter", AUTO), "max_new_tokens": kwargs.get("max_new_tokens")}
+
+    @llm_completion_callback()
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        result = self._reader.generate([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+        return CompletionResponse(text=result.text, additional_kwargs=self._result(result))
+
+    @llm_completion_callback()
+    def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
+        stream = self._reader.stream([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+
+        def gen() -> CompletionResponseGen:
+            text = ""
+            for delta in stream:
+                text += delta
+                yield CompletionResponse(text=text, delta=delta)
+
+        return gen()
+
+    @llm_chat_callback()
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        result = self._reader.generate(self._messages(messages), **self._call_kwargs(kwargs))
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
+                            additional_kwargs=self._result(result))
+
+    @llm_chat_callback()
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        stream = self._reader.stream(self._messages(messages), **self._call_kwargs(kwargs))
+
+        def gen() -> ChatResponseGen:
+            text = ""
+            for delta in stream:
+                text += delta
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+
+        return gen()
+
+
+class PositionTokenizer:
+    """``len(tokenizer(text))`` = decoder positions, a placeholder counted as its soft prompt's length."""
+
+    def __init__(self, reader: SoftPromptReader):
+        self.reader = reader
+
+    def __call__(self, text: str) -> list[int]:
+        return [0] * self.reader.count_positions(text)

@@ -1,0 +1,46 @@
+"""LLoCOQueryEngine: a RetrieverQueryEngine wired so that soft prompts arrive exactly once."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from llama_index.core import get_response_synthesizer
+from llama_index.core.query_engine import RetrieverQueryEngine
+
+from .. import defaults
+from .prompt_helper import LLoCOPromptHelper
+from .retriever import LLoCORetriever
+
+
+class LLoCOQueryEngine(RetrieverQueryEngine):
+    """Query an index of compressed nodes with :class:`LLoCOLLM`.
+
+    >>> engine = LLoCOQueryEngine.from_index(index, llm, response_mode="compact", similarity_top_k=4)
+    >>> engine.query("Who built the first lighthouse?")
+
+    ``index.as_query_engine(llm=llm)`` also runs, but LlamaIndex then counts a
+    placeholder as ~10 tokens and ignores a ``prompt_helper`` argument; this
+    entry point passes an :class:`LLoCOPromptHelper` to the synthesizer and an
+    :class:`LLoCORetriever` with a position budget in front of the index.
+    """
+
+    @classmethod
+    def from_index(
+        cls,
+        index,
+        llm,
+        *,
+        response_mode: str = "compact",
+        similarity_top_k: int = defaults.DEFAULT_TOP_K,
+        position_budget: Optional[int] = None,
+        streaming: bool = False,
+        **synth_kwargs: Any,
+    ) -> "LLoCOQueryEngine":
+        helper = LLoCOPromptHelper.from_llm(llm)
+        if position_budget is None:
+            position_budget = min(defaults.DEFAULT_POSITION_BUDGET, llm.metadata.context_window // 2)
+        retriever = LLoCORetriever.from_index(index, llm.store, similarity_top_k=similarity_top_k,
+                                              position_budget=position_budget, text_positions=llm.count_positions)
+        synthesizer = get_response_synthesizer(llm=llm, prompt_helper=helper, response_mode=response_mode,
+                                               streaming=streaming, **synth_kwargs)
+        return cls(retriever=retriever, response_synthesizer=synthesizer)
