@@ -1,0 +1,42 @@
+"""Tiny randomly initialised LLaMA backbones on the real SmolLM2 tokenizer, for fast tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lloco_index.backbone import Backbone
+
+
+@functools.lru_cache(maxsize=None)
+def smollm2_tokenizer():
+    """The SmolLM2 tokenizer from the converted cache (converted once from the GGUF, ~20 s)."""
+    from transformers import AutoTokenizer
+
+    from lloco_index.models import default_decoder_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_decoder_dir()))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, max_positions: int = 2048):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = smollm2_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    return model
+
+
+def tiny_backbone(seed: int = 0, identity: str = "tiny-test", **kwargs) -> Backbone:
+    """A fresh Backbone (its own model, so adapters never leak between tests)."""
+    return Backbone(tiny_llama(seed, **kwargs), smollm2_tokenizer(), identity)
