@@ -1,0 +1,680 @@
+"""AutoCompressor: recursive summary vectors, the LLoCO paper's context encoder.
+
+An AutoCompressor (Chevalier et al., 2023; github.com/princeton-nlp/AutoCompressors)
+is a causal LM fine-tuned to write ``summary_length`` *summary vectors* per segment
+of text. Segment ``k`` is read as::
+
+    [summary vectors of segments 0..k-1]  [segment k tokens]  [summary tokens 1..S]
+     positions 0 .. P-1                     P .. P+n-1          P+n .. P+n+S-1
+
+with ordinary causal attention and contiguous positions (the LLaMA variant
+overrides nothing about positions), and the summary vectors of segment ``k``
+are the final hidden states (after the last RMSNorm) at the ``S`` summary-token
+positions. With ``accumulate`` (true for the public checkpoints) the summaries
+of all previous segments are prepended, oldest first; otherwise only the last
+one. A text's soft prompt is the concatenation of its segments' summaries
+(``n_segments * summary_length`` positions), which the *same* LLaMA weights
+read back as input embeddings (LLoCO adds a LoRA adapter on top for reading).
+
+Loading the public checkpoint (e.g. ``princeton-nlp/AutoCompressor-Llama-2-7b-6k``
+downloaded to a local directory)::
+
+    >>> from lloco_index.compressors.autocompressor import AutoCompressor
+    >>> compressor = AutoCompressor.from_checkpoint("/models/AutoCompressor-Llama-2-7b-6k")
+    >>> [prompt] = compressor.compress([long_text])        # [50 * n_segments, 4096]
+    >>> compressor.save_pretrained("runs/autocompressor")  # safetensors only
+    >>> load_compressor("runs/autocompressor")              # back again
+
+The checkpoint ships pickle ``.bin`` shards. They are read once with
+``torch.load(weights_only=True)`` and converted into a safetensors compressor
+directory under :func:`lloco_index.defaults.cache_dir` (``autocompressors/``);
+later loads of the same checkpoint read only that copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import defaults
+from ..backbone import Backbone
+from ..errors import ModelNotFoundError, StoreMismatchError
+from ..models import autocast
+from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+# Defaults of the LLoCO paper: 50 summary vectors per segment (the checkpoint's
+# summary_length) and segments of 1536 tokens (LLoCO's preproc_embs.py calls the
+# model with segment_lengths=1536; the checkpoint was trained on 6144 tokens in
+# 4 compression steps). config.json records no segment length.
+PAPER_SUMMARY_LENGTH = 50
+PAPER_SEGMENT_LENGTH = 1536
+PAPER_CHECKPOINT = "princeton-nlp/AutoCompressor-Llama-2-7b-6k"
+
+SUMMARY_KEY = "embed_summary.weight"  # the summary-token embeddings in the public checkpoints
+READER_ADAPTER = "lloco_reader"  # same name as the ICAE reader, so SoftPromptReader(adapter="auto") finds it
+DECODER_SUBDIR = "decoder"
+CACHE_SUBDIR = "autocompressors"
+
+# config.json keys that belong to the AutoCompressor, not to the plain LLaMA decoder.
+_AC_CONFIG_KEYS = ("summary_length", "accumulate_summary", "segment_gradient_checkpointing", "segment_lengths",
+                   "fast_attention", "use_kv")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
+_SIGNATURE_CHUNK = 1 << 20
+
+
+@dataclass
+class AutoCompressorConfig(CompressorConfig):
+    mode: str = "autocompressor"
+    n_slots: int = PAPER_SUMMARY_LENGTH  # = summary_length
+    segment_length: int = PAPER_SEGMENT_LENGTH
+    accumulate: bool = True  # prepend the summaries of *all* previous segments (accumulate_summary)
+    # extra["decoder_dir"]: the decoder directory, relative to the compressor directory or absolute
+    # (default "decoder"). In `extra` because where the weights lie does not change the vectors.
+
+
+class AutoCompressor(BaseCompressor):
+    """Recursive summary-vector compressor over a LLaMA decoder that reads its own summaries.
+
+    >>> compressor = AutoCompressor.from_checkpoint("/models/AutoCompressor-Llama-2-7b-6k")
+    >>> prompts = compressor.compress(["chapter one ...", "chapter two ..."])
+    >>> prompts[0].shape          # (50 * n_segments, 4096)
+    >>> reader = SoftPromptReader(compressor.backbone, store, compressor=compressor)
+
+    A fresh, untrained one for training the recursive objective::
+
+    >>> compressor = AutoCompressor(Backbone.load(), AutoCompressorConfig(n_slots=32, segment_length=256))
+    """
+
+    mode = "autocompressor"
+    config_class = AutoCompressorConfig
+
+    def __init__(self, backbone: Backbone, config: Optional[AutoCompressorConfig] = None,
+                 summary_embeddings: Optional[torch.Tensor] = None):
+        config = config or AutoCompressorConfig()
+        # The decoder is part of this compressor: record it now, so the fingerprint does not change on save.
+        config.base_model = backbone.identity
+        super().__init__(backbone, config)
+        hidden = backbone.hidden_size
+        self.embed_summary = nn.Embedding(config.n_slots, hidden)
+        with torch.no_grad():
+            if summary_embeddings is None:
+                # The reference initialises every summary token to the EOS embedding.
+                table = backbone.embedding_table().weight
+                eos = backbone.tokenizer.eos_token_id if backbone.tokenizer.eos_token_id is not None else 0
+                self.embed_summary.weight.copy_(table[eos].detach().float().expand(config.n_slots, -1))
+            else:
+                self._check_summary_shape(summary_embeddings)
+                self.embed_summary.weight.copy_(summary_embeddings.float())
+        # float32 master copy: bf16 -> f32 is exact, so fingerprints agree across save/load.
+        self.embed_summary.to(backbone.device)
+        self.source_dir: Optional[Path] = None  # the compressor directory it was loaded from (indexes reference it)
+
+    def _check_summary_shape(self, tensor: torch.Tensor) -> None:
+        expected = (self.config.n_slots, self.backbone.hidden_size)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"summary embeddings have shape {tuple(tensor.shape)}, expected {expected} "
+                             f"(summary_length x hidden_size).")
+
+    @property
+    def accumulate(self) -> bool:
+        return bool(self.config.accumulate)
+
+    @property
+    def reader_adapter(self) -> Optional[str]:
+        """The LoRA the decoder reads summaries with (LLoCO's finetuned adapter), when one is loaded."""
+        return READER_ADAPTER if self.backbone.has_adapter(READER_ADAPTER) else None
+
+    def load_reader_adapter(self, path: Union[str, Path]) -> None:
+        """Load a peft LoRA for reading summaries (e.g. a LLoCO adapter trained on this checkpoint).
+
+        >>> compressor.load_reader_adapter("/adapters/lloco-quality")  # then SoftPromptReader(adapter="auto")
+        """
+        self.backbone.load_adapter(path, READER_ADAPTER)
+
+    def num_positions(self, n_tokens: int) -> int:
+        if n_tokens <= 0:
+            return 0
+        if self.accumulate:
+            return super().num_positions(n_tokens)
+        return self.n_slots  # without accumulation only the last segment's summary is the soft prompt
+
+    # ---------------------------------------------------------- compression
+    def summarize(self, per_text: Sequence[Sequence[Sequence[int]]]) -> list[torch.Tensor]:
+        """Summary vectors of each text, given as token-id segments. Differentiable (used by training).
+
+        Step ``k`` runs segment ``k`` of every text that has one, as one batch. Rows are
+        right-padded: real positions never see the padding under the causal mask, so a
+        text's summaries do not depend on what it is batched with, and positions stay
+        contiguous from 0 like the reference's (which unpads for flash attention).
+        Run it inside ``backbone.using(None)`` or let :meth:`compress` do so.
+        """
+        if not per_text:
+            return []
+        if any(len(segments) == 0 or any(len(seg) == 0 for seg in segments) for segments in per_text):
+            raise ValueError("summarize() needs at least one non-empty segment per text (empty texts have no summary).")
+        backbone = self.backbone
+        device = backbone.device
+        table = backbone.embedding_table()
+        dtype = table.weight.dtype
+        slots = self.n_slots
+        summary_tokens = self.embed_summary.weight.to(device=device, dtype=dtype)
+        empty = table.weight.new_zeros(0, table.weight.shape[1])
+        history: list[list[torch.Tensor]] = [[] for _ in per_text]
+        for step in range(max(len(segments) for segments in per_text)):
+            active = [i for i, segments in enumerate(per_text) if len(segments) > step]
+            rows = []
+            for i in active:
+                ids = torch.tensor(list(per_text[i][step]), dtype=torch.long, device=device)
+                rows.append(torch.cat([self._prefix(history[i], empty).to(dtype), table(ids), summary_tokens], dim=0))
+            lengths = [row.shape[0] for row in rows]
+            width = max(lengths)
+            inputs = torch.stack([nn.functional.pad(row, (0, 0, 0, width - row.shape[0])) for row in rows])
+            arange = torch.arange(width, device=device)
+            mask = (arange.unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)).long()
+            positions = arange.unsqueeze(0).expand(len(rows), -1)
+            with autocast(device):
+                hidden = backbone.base_model.model(
+                    inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
+                ).last_hidden_state
+            for row, i in enumerate(active):
+                end = lengths[row]
+                # last_hidden_state is after the final RMSNorm, as in the reference.
+                history[i].append(hidden[row, end - slots : end])
+        return [torch.cat(h, dim=0) if self.accumulate else h[-1] for h in history]
+
+    def _prefix(self, summaries: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+        if not summaries:
+            return empty
+        return torch.cat(summaries, dim=0) if self.accumulate else summaries[-1]
+
+    def _compress_texts(self, per_text: list[list[list[int]]], *, batch_size: int, progress: bool) -> list[torch.Tensor]:
+        # Texts with similar segment counts together: fewer idle rows in later steps.
+        order = sorted(range(len(per_text)), key=lambda i: (len(per_text[i]), len(per_text[i][-1])))
+        outputs: list[Optional[torch.Tensor]] = [None] * len(per_text)
+        bar = tqdm(total=sum(len(s) for s in per_text), desc="compressing", unit="seg", disable=not progress)
+        with torch.inference_mode(), self.backbone.using(None):  # summaries come from the plain checkpoint weights
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                for i, summary in zip(idx, self.summarize([per_text[i] for i in idx])):
+                    outputs[i] = summary.to(self.storage_dtype).cpu()
+                bar.update(sum(len(per_text[i]) for i in idx))
+        bar.close()
+        return outputs  # type: ignore[return-value]
+
+    # -------------------------------------------------------- persistence
+    def weights(self) -> dict[str, torch.Tensor]:
+        # The decoder weights are identified by the backbone identity (derived from the checkpoint
+        # files), not hashed: hashing 13 GB on every load would cost more than the load.
+        return {SUMMARY_KEY: self.embed_summary.weight.detach()}
+
+    def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
+        if SUMMARY_KEY not in tensors:
+            raise ModelNotFoundError(f"The compressor weights hold no '{SUMMARY_KEY}' (found {sorted(tensors)[:5]}); "
+                                     f"re-save the compressor or convert the checkpoint again.")
+        self._check_summary_shape(tensors[SUMMARY_KEY])
+        with torch.no_grad():
+            self.embed_summary.weight.copy_(tensors[SUMMARY_KEY].float())
+        self.invalidate_fingerprint()
+
+    def save_pretrained(self, directory: Union[str, Path], *, decoder: str = "copy") -> None:
+        """Write ``lloco_compressor.json``, ``compressor.safetensors`` and the decoder (safetensors).
+
+        ``decoder="copy"`` writes the LLaMA weights and tokenizer into ``directory/decoder``
+        (self-contained; ~13.5 GB for the 7B model). ``decoder="reference"`` records the
+        absolute path of the decoder directory this compressor was loaded from instead.
+        The decoder keeps ``backbone.identity``: code that changes the decoder weights in place
+        (full fine-tuning) must give the backbone a new identity first, or stores written before
+        would be accepted for the changed model.
+        """
+        directory = Path(directory).resolve()
+        directory.mkdir(parents=True, exist_ok=True)
+        if decoder == "reference":
+            source = self._decoder_path()
+            if source is None:
+                raise ValueError("decoder='reference' needs a compressor loaded from a directory; use decoder='copy'.")
+            self.config.extra["decoder_dir"] = str(source)
+        elif decoder == "copy":
+            target = directory / DECODER_SUBDIR
+            if self._decoder_path() != target:
+                write_decoder_dir(self.backbone, target)
+            self.config.extra["decoder_dir"] = DECODER_SUBDIR
+        else:
+            raise ValueError(f"decoder must be 'copy' or 'reference', got {decoder!r}")
+        # Weights, then the JSON last: its presence marks a complete directory.
+        super().save_pretrained(directory)
+
+    def _decoder_path(self) -> Optional[Path]:
+        if self.source_dir is None:
+            return None
+        path = Path(self.config.extra.get("decoder_dir", DECODER_SUBDIR))
+        return (path if path.is_absolute() else self.source_dir / path).resolve()
+
+    @classmethod
+    def from_pretrained_directory(cls, directory: Union[str, Path], config_dict: Optional[dict] = None, *,
+                                  dtype: Optional[torch.dtype] = None,
+                                  device: Optional[Union[str, torch.device]] = None) -> "AutoCompressor":
+        """Load a directory written by :meth:`save_pretrained` (``load_compressor`` calls this).
+
+        ``dtype``/``device`` default to bfloat16 on CUDA when available, else float32 on CPU.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory).resolve()
+        if config_dict is None:
+            from .loading import read_compressor_config
+
+            config_dict = read_compressor_config(directory)
+        fields = {k: v for k, v in config_dict.items() if k in AutoCompressorConfig.__dataclass_fields__}
+        config = AutoCompressorConfig(**fields)
+        decoder_path = Path(config.extra.get("decoder_dir", DECODER_SUBDIR))
+        decoder_path = decoder_path if decoder_path.is_absolute() else directory / decoder_path
+        if not (decoder_path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"The AutoCompressor at '{directory}' has no decoder at '{decoder_path}' (config.json missing). Save it "
+                f"again with save_pretrained(dir) (decoder='copy'), or convert the original checkpoint again with "
+                f"AutoCompressor.from_checkpoint(<checkpoint dir>)."
+            )
+        dtype, device = _default_dtype_device(dtype, device)
+        backbone = Backbone.load(decoder_path, dtype=dtype)
+        backbone.base_model.to(device)
+        if config.base_model and config.base_model != backbone.identity:
+            raise StoreMismatchError(
+                f"The AutoCompressor at '{directory}' was saved with decoder '{config.base_model}', but '{decoder_path}' "
+                f"holds '{backbone.identity}'. Restore the matching decoder directory or re-save the compressor."
+            )
+        weights_path = directory / defaults.COMPRESSOR_WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise ModelNotFoundError(f"{weights_path} is missing (it holds the summary-token embeddings); re-save the "
+                                     f"compressor or convert the checkpoint again with AutoCompressor.from_checkpoint.")
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as exc:
+            raise ModelNotFoundError(f"{weights_path} is corrupt or truncated ({exc}); re-save the compressor or "
+                                     f"convert the checkpoint again with AutoCompressor.from_checkpoint.") from exc
+        compressor = cls(backbone, config, summary_embeddings=tensors.get(SUMMARY_KEY))
+        compressor.load_weights(tensors)
+        compressor.source_dir = directory
+        return compressor
+
+    @classmethod
+    def from_checkpoint(cls, local_dir: Union[str, Path], *, segment_length: Optional[int] = None,
+                        tokenizer: Optional[Union[str, Path]] = None, cache_dir: Optional[Union[str, Path]] = None,
+                        dtype: Optional[torch.dtype] = None,
+                        device: Optional[Union[str, torch.device]] = None) -> "AutoCompressor":
+        """Load a public AutoCompressor-LLaMA checkpoint directory (or an already converted one).
+
+        The first call converts the pickle shards (``torch.load(weights_only=True)`` only) into a
+        safetensors compressor directory under ``cache_dir`` (default
+        ``lloco_index.defaults.cache_dir()/autocompressors``); later calls load that copy and never
+        touch pickle. ``tokenizer`` points at a directory with tokenizer files when the checkpoint has
+        none (LLoCO loads the tokenizer of ``meta-llama/Llama-2-7b-chat-hf``, the same LLaMA-2 vocabulary).
+        ``segment_length`` overrides the tokens per segment (default 1536, LLoCO's setting).
+        """
+        local_dir = Path(local_dir).expanduser().resolve()
+        if (local_dir / defaults.COMPRESSOR_CONFIG_NAME).is_file():  # already a compressor directory
+            compressor = cls.from_pretrained_directory(local_dir, dtype=dtype, device=device)
+        else:
+            source = inspect_checkpoint(local_dir, tokenizer=tokenizer)
+            root = Path(cache_dir).expanduser() if cache_dir is not None else defaults.cache_dir() / CACHE_SUBDIR
+            target = root / f"{source.name}-{source.signature[:16]}"
+            if not (target / defaults.COMPRESSOR_CONFIG_NAME).is_file():
+                convert_checkpoint(source, target)
+            compressor = cls.from_pretrained_directory(target, dtype=dtype, device=device)
+        if segment_length is not None and segment_length != compressor.config.segment_length:
+            if segment_length <= 0:
+                raise ValueError(f"segment_length must be positive, got {segment_length}")
+            compressor.config.segment_length = int(segment_length)
+            compressor.invalidate_fingerprint()
+        return compressor
+
+
+# ============================================================ checkpoint files
+@dataclass
+class CheckpointSource:
+    """What :func:`inspect_checkpoint` found in a public AutoCompressor checkpoint directory."""
+
+    directory: Path
+    config: dict[str, Any]
+    weight_files: list[Path]  # in shard order
+    index_file: Optional[Path]  # *.index.json when sharded
+    kind: str  # "bin" or "safetensors"
+    tokenizer_dir: Path
+    name: str  # e.g. "AutoCompressor-Llama-2-7b-6k"
+    signature: str  # sha256 over config, index, tokenizer and the weight files' sizes, heads and tails
+
+    @property
+    def identity(self) -> str:
+        return f"autocompressor:{self.name}:{self.signature[:12]}"
+
+
+def _download_hint(directory: Path, filename: str = "") -> str:
+    target = f" {filename}" if filename else ""
+    return (f"`hf download {PAPER_CHECKPOINT}{target} --local-dir {directory}` (or `huggingface-cli download ...` with "
+            f"older huggingface_hub), or copy it again from where you got the checkpoint")
+
+
+def inspect_checkpoint(directory: Union[str, Path], *, tokenizer: Optional[Union[str, Path]] = None) -> CheckpointSource:
+    """Validate the layout of a public AutoCompressor-LLaMA checkpoint without reading its weights."""
+    directory = Path(directory).expanduser().resolve()
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ModelNotFoundError(
+            f"No AutoCompressor checkpoint at '{directory}' (config.json missing). Download it to a local directory, "
+            f"e.g. {_download_hint(directory)}, and pass that directory."
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelNotFoundError(f"{config_path} is not valid JSON ({exc}); restore it: {_download_hint(directory, 'config.json')}.") from exc
+    if not isinstance(config.get("summary_length"), int) or config["summary_length"] <= 0:
+        raise ModelNotFoundError(
+            f"'{directory}' is not an AutoCompressor checkpoint: config.json has no positive 'summary_length'. For a plain "
+            f"LLaMA model use Backbone.load(dir) with ICAECompressor or TokenEmbeddingCompressor."
+        )
+    if config.get("model_type") != "llama":
+        raise ModelNotFoundError(
+            f"'{directory}' is an AutoCompressor of model_type {config.get('model_type')!r}; only the LLaMA variant "
+            f"(architectures LlamaAutoCompressorModel, e.g. {PAPER_CHECKPOINT}) is supported."
+        )
+    weight_files, index_file, kind = _find_weight_files(directory)
+    tok_dir = Path(tokenizer).expanduser().resolve() if tokenizer is not None else directory
+    if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise ModelNotFoundError(
+            f"No tokenizer files (tokenizer.json / tokenizer.model) in '{tok_dir}'. Download them with the checkpoint "
+            f"({_download_hint(directory)}) or pass tokenizer=<a LLaMA-2 model directory> (LLoCO uses the tokenizer "
+            f"of meta-llama/Llama-2-7b-chat-hf)."
+        )
+    h = hashlib.sha256()
+    h.update(config_path.read_bytes())
+    if index_file is not None:
+        h.update(index_file.read_bytes())
+    for name in _TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            h.update(name.encode())
+            h.update((tok_dir / name).read_bytes())
+    for path in weight_files:
+        h.update(_file_signature(path))
+    name = Path(str(config.get("_name_or_path") or directory.name)).name or directory.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    return CheckpointSource(directory, config, weight_files, index_file, kind, tok_dir, name, h.hexdigest())
+
+
+def _file_signature(path: Path) -> bytes:
+    """Name, size, first and last MiB: cheap, and changes when a shard is replaced or truncated."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{path.name}:{size}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_SIGNATURE_CHUNK))
+        if size > 2 * _SIGNATURE_CHUNK:
+            f.seek(-_SIGNATURE_CHUNK, os.SEEK_END)
+            h.update(f.read())
+    return h.digest()
+
+
+def _find_weight_files(directory: Path) -> tuple[list[Path], Optional[Path], str]:
+    for kind, index_name, single in (("safetensors", "model.safetensors.index.json", "model.safetensors"),
+                                     ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
+        index_path = directory / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelNotFoundError(
+                    f"{index_path} is corrupt ({exc!r}); restore it: {_download_hint(directory, index_name)}."
+                ) from exc
+            missing = [s for s in shards if not (directory / s).is_file()]
+            if missing:
+                raise ModelNotFoundError(
+                    f"Checkpoint shard(s) {missing} listed in {index_path} are missing from '{directory}'. Download "
+                    f"them: {_download_hint(directory, missing[0])}."
+                )
+            return [directory / s for s in shards], index_path, kind
+        if (directory / single).is_file():
+            return [directory / single], None, kind
+    raise ModelNotFoundError(
+        f"No weights in '{directory}': expected pytorch_model.bin.index.json with pytorch_model-*.bin shards (the "
+        f"published layout), pytorch_model.bin, or model.safetensors[.index.json]. Download them: {_download_hint(directory)}."
+    )
+
+
+def _read_shard(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    """Read one weight shard; pickle only through ``torch.load(weights_only=True)``."""
+    fix = (f"Re-download this file ({_download_hint(path.parent, path.name)}) and compare its size and sha256 with "
+           f"the Hugging Face Hub listing.")
+    try:
+        if kind == "safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            try:  # mmap: a 10 GB shard is not copied into memory
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        if "Weights only load failed" in str(exc):
+            # Do not relay torch's advice to retry with weights_only=False: that would run arbitrary code.
+            raise ModelNotFoundError(
+                f"Checkpoint file {path} holds Python objects other than tensors, which lloco-index never unpickles "
+                f"(torch.load(weights_only=True) only). The published shards hold tensors only, so this file is "
+                f"damaged or not one of them. {fix}"
+            ) from exc
+        raise ModelNotFoundError(
+            f"Checkpoint file {path} could not be read: it is truncated or corrupt ({type(exc).__name__}: {detail}). {fix}"
+        ) from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelNotFoundError(f"Checkpoint file {path} does not hold a name -> tensor mapping. {fix}")
+    return state
+
+
+def _shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage: give repeats their own copy."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach()
+        ptr = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+        out[key] = value.clone().contiguous() if ptr in seen and value.numel() else value.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def _expected_decoder_keys(llama_config: dict) -> set[str]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):  # no memory: only the parameter names
+        model = LlamaForCausalLM(LlamaConfig(**llama_config))
+    keys = set(model.state_dict())
+    if model.config.tie_word_embeddings:
+        keys.discard("lm_head.weight")
+    return keys
+
+
+def _decoder_config(config: dict, identity: str, source: Optional[Path]) -> dict:
+    plain = {k: v for k, v in config.items() if k not in _AC_CONFIG_KEYS}
+    plain["architectures"] = ["LlamaForCausalLM"]  # the decoder half is a standard LLaMA
+    plain["lloco_identity"] = identity  # models.resolve_decoder_path reads this
+    plain["lloco_autocompressor"] = {k: config[k] for k in _AC_CONFIG_KEYS if k in config}
+    if source is not None:
+        plain["lloco_autocompressor"]["source"] = str(source)
+    return plain
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move a fully written temporary directory into place (rename is atomic on one filesystem)."""
+    if target.exists():
+        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, trash)
+        os.replace(tmp, target)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def convert_checkpoint(source: CheckpointSource, target: Union[str, Path]) -> Path:
+    """Convert a public checkpoint into a safetensors compressor directory at ``target``.
+
+    One source shard at a time (memory stays at about one shard); everything is written
+    into a temporary directory that is renamed into place at the end, so an interrupted
+    conversion leaves no half-written copy behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config = source.config
+    logger.info("Converting AutoCompressor checkpoint %s to safetensors at %s (one-off)", source.directory, target)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        decoder = tmp / DECODER_SUBDIR
+        decoder.mkdir()
+        weight_map: dict[str, str] = {}
+        summary: Optional[torch.Tensor] = None
+        total = 0
+        n = len(source.weight_files)
+        for i, path in enumerate(source.weight_files):
+            state = _read_shard(path, source.kind)
+            if SUMMARY_KEY in state:
+                summary = state.pop(SUMMARY_KEY).detach().clone()
+            # Rotary inverse frequencies are recomputed from the config; older exports saved them.
+            state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+            name = _shard_name(i, n)
+            atomic_save_safetensors(_unshare(state), decoder / name, metadata={"format": "pt"})
+            for key, value in state.items():
+                weight_map[key] = name
+                total += value.numel() * value.element_size()
+            del state
+        if summary is None:
+            raise ModelNotFoundError(
+                f"'{source.directory}' has no '{SUMMARY_KEY}' tensor (the summary-token embeddings) in "
+                f"{[p.name for p in source.weight_files]}: it is not a complete AutoCompressor checkpoint. "
+                f"{_download_hint(source.directory)}."
+            )
+        expected_shape = (config["summary_length"], config.get("hidden_size"))
+        if tuple(summary.shape) != expected_shape:
+            raise ModelNotFoundError(
+                f"'{SUMMARY_KEY}' has shape {tuple(summary.shape)} but config.json says summary_length x hidden_size = "
+                f"{expected_shape}; config.json and the weights do not belong together."
+            )
+        llama_config = _decoder_config(config, source.identity, source.directory)
+        missing = sorted(_expected_decoder_keys(llama_config) - set(weight_map))
+        if missing:
+            raise ModelNotFoundError(
+                f"The checkpoint at '{source.directory}' lacks {len(missing)} LLaMA weights (e.g. {missing[:3]}); a shard "
+                f"or the index is incomplete. {_download_hint(source.directory)}."
+            )
+        if n > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_bytes(decoder / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+        atomic_write_bytes(decoder / "config.json", json.dumps(llama_config, indent=2, sort_keys=True).encode())
+        for name in _TOKENIZER_FILES:
+            if (source.tokenizer_dir / name).is_file():
+                shutil.copyfile(source.tokenizer_dir / name, decoder / name)
+        if (source.directory / "generation_config.json").is_file():
+            shutil.copyfile(source.directory / "generation_config.json", decoder / "generation_config.json")
+        atomic_save_safetensors({SUMMARY_KEY: summary}, tmp / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
+        segment_lengths = config.get("segment_lengths")
+        if isinstance(segment_lengths, list) and segment_lengths:
+            segment_lengths = segment_lengths[0]
+        compressor_config = AutoCompressorConfig(
+            base_model=source.identity,
+            n_slots=int(config["summary_length"]),
+            segment_length=int(segment_lengths) if isinstance(segment_lengths, int) and segment_lengths > 0 else PAPER_SEGMENT_LENGTH,
+            accumulate=bool(config.get("accumulate_summary", True)),
+            storage_dtype="bfloat16",
+            extra={"source": str(source.directory), "source_signature": source.signature, "decoder_dir": DECODER_SUBDIR},
+        )
+        atomic_write_bytes(tmp / defaults.COMPRESSOR_CONFIG_NAME, compressor_config.to_json().encode())
+        if (target / defaults.COMPRESSOR_CONFIG_NAME).is_file():
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
+        else:
+            _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# ================================================================ decoder I/O
+def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain LLaMA weights, without any LoRA that peft injected into the modules."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def write_decoder_dir(backbone: Backbone, target: Union[str, Path], *, max_shard_bytes: int = 4 << 30) -> Path:
+    """Save a backbone's LLaMA as a safetensors Hugging Face directory that keeps its identity."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        state = _base_state_dict(backbone.base_model)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, value in state.items():
+            nbytes = value.numel() * value.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = value
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = _shard_name(i, len(shards))
+            atomic_save_safetensors(_unshare(shard), tmp / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        if len(shards) > 1:
+            total = sum(v.numel() * v.element_size() for v in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            atomic_write_bytes(tmp / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
+        config = backbone.config.to_dict()
+        config["architectures"] = ["LlamaForCausalLM"]
+        config["lloco_identity"] = backbone.identity
+        atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str).encode())
+        backbone.tokenizer.save_pretrained(str(tmp))
+        generation_config = getattr(backbone.base_model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(str(tmp))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _default_dtype_device(dtype: Optional[torch.dtype],
+                          device: Optional[Union[str, torch.device]]) -> tuple[torch.dtype, torch.device]:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        # The checkpoint is bf16; a 7B model in float32 would need 27 GB.
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    return dtype, device
