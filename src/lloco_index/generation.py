@@ -195,13 +195,18 @@ class SoftPromptReader:
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        first = True
+        # Same text as generate(), which strips: drop leading whitespace, hold trailing whitespace back
+        # until more text follows it.
+        started, held = False, ""
         for delta in streamer:
-            if first:
+            if not started:
                 delta = delta.lstrip()
-                first = False
-            if delta:
-                yield delta
+                started = bool(delta)
+            text = held + delta
+            core = text.rstrip()
+            held = text[len(core):]
+            if core:
+                yield core
         thread.join()
         if errors:
             raise errors[0]

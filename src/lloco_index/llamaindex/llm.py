@@ -136,10 +136,13 @@ class LLoCOLLM(CustomLLM):
         stream = self._reader.stream([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
 
         def gen() -> CompletionResponseGen:
-            text = ""
+            text, yielded = "", False
             for delta in stream:
                 text += delta
+                yielded = True
                 yield CompletionResponse(text=text, delta=delta)
+            if not yielded:  # LlamaIndex's callbacks need at least one response, even for an empty answer
+                yield CompletionResponse(text="", delta="")
 
         return gen()
 
@@ -154,10 +157,13 @@ class LLoCOLLM(CustomLLM):
         stream = self._reader.stream(self._messages(messages), **self._call_kwargs(kwargs))
 
         def gen() -> ChatResponseGen:
-            text = ""
+            text, yielded = "", False
             for delta in stream:
                 text += delta
+                yielded = True
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
+            if not yielded:
+                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="")
 
         return gen()
 

@@ -1,0 +1,143 @@
+"""LlamaIndex adapter on a tiny random decoder and the real local embedder."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from llama_index.core import Document
+from llama_index.core.ingestion import IngestionPipeline
+from llama_index.core.schema import MetadataMode, NodeWithScore, TextNode
+from llama_index.core.storage.docstore import SimpleDocumentStore
+
+from lloco_index.compressors import ICAECompressor, ICAEConfig
+from lloco_index.errors import EmptyDocumentError, StoreMismatchError
+from lloco_index.llamaindex import LLoCOLLM, LLoCONodeParser, LLoCOQueryEngine, LLoCORetriever, build_index, load_index
+from lloco_index.llamaindex.node_keys import CHUNK_KEY, DOC_KEY, ID_KEY, SOFT_PROMPT_KEY
+from lloco_index.placeholders import find_ids
+from lloco_index.store import SoftPromptStore
+
+TOPICS = ["lighthouses guide ships", "bees make honey from nectar", "bicycles have two wheels", "volcanoes erupt lava"]
+DOCS = [Document(text=" ".join(f"Sentence {i} says that {t}." for i in range(40)), metadata={"title": t}) for t in TOPICS]
+
+
+@pytest.fixture
+def compressor(backbone):
+    return ICAECompressor(backbone, ICAEConfig(n_slots=8, segment_length=32, pooling="mean", lora_r=4, lora_alpha=8))
+
+
+@pytest.fixture(scope="module")
+def embed_model():
+    from lloco_index.llamaindex import default_embed_model
+
+    return default_embed_model()
+
+
+def test_node_parser_in_ingestion_pipeline(compressor):
+    parser = LLoCONodeParser(compressor)
+    nodes = IngestionPipeline(transformations=[parser]).run(documents=DOCS[:2])
+    assert len(nodes) > 4
+    for node in nodes:
+        assert node.get_content(MetadataMode.LLM) == node.metadata[SOFT_PROMPT_KEY]
+        assert node.get_content(MetadataMode.EMBED) == node.text and "Sentence" in node.text
+        assert node.metadata[ID_KEY] in parser.store
+        assert node.metadata["title"] in TOPICS  # document metadata kept, but hidden from the LLM and embedder
+    # Chunks cover each document in order.
+    first_doc = [n for n in nodes if n.metadata[DOC_KEY] == nodes[0].metadata[DOC_KEY]]
+    assert [n.metadata[CHUNK_KEY] for n in first_doc] == list(range(len(first_doc)))
+    assert "".join(n.text for n in first_doc) == DOCS[0].text
+
+
+def test_placeholder_view_survives_docstore_persistence(compressor, tmp_path):
+    nodes = LLoCONodeParser(compressor).get_nodes_from_documents(DOCS[:1])
+    docstore = SimpleDocumentStore()
+    docstore.add_documents(nodes)
+    docstore.persist(str(tmp_path / "docstore.json"))
+    reloaded = SimpleDocumentStore.from_persist_path(str(tmp_path / "docstore.json")).get_node(nodes[0].node_id)
+    assert type(reloaded) is TextNode
+    assert reloaded.get_content(MetadataMode.LLM) == nodes[0].metadata[SOFT_PROMPT_KEY]
+
+
+def test_empty_documents(compressor):
+    with pytest.warns(UserWarning, match="empty or whitespace-only"):
+        nodes = LLoCONodeParser(compressor).get_nodes_from_documents([Document(text=" \n "), DOCS[0]])
+    assert nodes
+    with pytest.raises(EmptyDocumentError, match="nothing to compress"):
+        LLoCONodeParser(compressor, on_empty="error").get_nodes_from_documents([Document(text="")])
+
+
+def _nws(node_id, prompt_id, doc, chunk, score, positions=8):
+    node = TextNode(id_=node_id, text=f"text {node_id}", metadata={
+        SOFT_PROMPT_KEY: f"<|lloco:{prompt_id}|>", ID_KEY: prompt_id, DOC_KEY: doc, CHUNK_KEY: chunk, "lloco_positions": positions})
+    return NodeWithScore(node=node, score=score)
+
+
+def test_retriever_dedupes_budgets_and_orders():
+    results = [
+        _nws("n1", "p1", "docB", 3, 0.9),
+        _nws("n2", "p2", "docA", 5, 0.8),
+        _nws("n3", "p1", "docB", 3, 0.7),  # duplicate soft prompt
+        _nws("n4", "p4", "docB", 1, 0.6),
+        _nws("n5", "p5", "docA", 0, 0.5),
+        _nws("n6", "p6", "docC", 0, 0.4),  # over budget
+    ]
+    retriever = LLoCORetriever(retriever=None, store=None, position_budget=32)
+    kept = retriever.select(results)
+    assert [r.node.node_id for r in kept] == ["n4", "n1", "n5", "n2"]  # best document first, reading order inside
+
+
+def _spy_soft_prompts(llm):
+    seen: list[str] = []
+    original = llm.reader.prepare
+
+    def prepare(messages, **kwargs):
+        prepared = original(messages, **kwargs)
+        seen.extend(prepared.soft_prompt_ids)
+        return prepared
+
+    llm.reader.prepare = prepare
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["compact", "refine", "tree_summarize", "simple_summarize"])
+def test_every_retrieved_soft_prompt_is_delivered_exactly_once(compressor, embed_model, mode):
+    index, store = build_index(DOCS, compressor, embed_model=embed_model)
+    # A small window forces compact/refine/tree_summarize to spread chunks over several calls.
+    window = 260 if mode != "simple_summarize" else 1024
+    llm = LLoCOLLM(compressor, store, max_new_tokens=2, context_window=window)
+    seen = _spy_soft_prompts(llm)
+    engine = LLoCOQueryEngine.from_index(index, llm, response_mode=mode, similarity_top_k=12, position_budget=96)
+    response = engine.query("What do bees make?")
+    retrieved = [n.node.metadata[ID_KEY] for n in response.source_nodes]
+    assert 0 < sum(store.num_positions(i) for i in retrieved) <= 96
+    assert Counter(seen) == Counter(retrieved), f"{mode}: delivered {Counter(seen)} vs retrieved {retrieved}"
+
+
+def test_build_persist_reload_and_refuse_other_compressor(compressor, backbone, embed_model, tmp_path):
+    index, store = build_index(DOCS[:2], compressor, persist_dir=tmp_path, embed_model=embed_model)
+    index2, store2, compressor2 = load_index(tmp_path, compressor, embed_model=embed_model)
+    assert store2.ids() == store.ids()
+    nodes = index2.as_retriever(similarity_top_k=2).retrieve("bees honey")
+    assert all(find_ids(n.node.get_content(MetadataMode.LLM)) for n in nodes)
+    other = ICAECompressor(backbone, ICAEConfig(n_slots=4, segment_length=32, pooling="mean", lora_r=4, lora_alpha=8))
+    with pytest.raises(StoreMismatchError):
+        load_index(tmp_path, other, embed_model=embed_model)
+    assert SoftPromptStore.open(tmp_path).ids() == store.ids()  # nothing lost by the refusal
+
+
+def test_llm_chat_stream_and_counting(compressor, tmp_path):
+    from llama_index.core.base.llms.types import ChatMessage
+
+    store = SoftPromptStore.open(tmp_path, compressor)
+    [pid] = store.add(["A chunk about lighthouses and ships at sea."], compressor)
+    llm = LLoCOLLM(compressor, store, max_new_tokens=3)
+    prompt = f"Context: <|lloco:{pid}|>\nQuestion: what?"
+    assert llm.count_positions(prompt) == store.num_positions(pid) + len(compressor.backbone.tokenize("Context: ")) + len(
+        compressor.backbone.tokenize("\nQuestion: what?"))
+    assert len(llm.position_tokenizer()(prompt)) == llm.count_positions(prompt)
+    full = llm.complete(prompt)
+    assert full.additional_kwargs["soft_positions"] == store.num_positions(pid)
+    streamed = list(llm.stream_complete(prompt))
+    assert streamed[-1].text == full.text
+    chat = llm.chat([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=prompt)])
+    assert isinstance(chat.message.content, str)
