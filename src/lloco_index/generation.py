@@ -90,10 +90,13 @@ class SoftPromptReader:
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         tok = self.backbone.tokenizer
-        if getattr(tok, "chat_template", None):
+        fmt = getattr(self.compressor, "prompt_format", "chat")
+        if fmt == "chat" and getattr(tok, "chat_template", None):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        # Base models (e.g. LLaMA-2 + AutoCompressor) have no template: plain text, BOS first.
         body = "\n\n".join(m["content"] for m in messages)
+        if fmt == "plain":  # LLoCO's layout for AutoCompressor summaries: no BOS, no template
+            return body
+        # A chat-format compressor on a base model without a template: plain text after BOS.
         return (tok.bos_token or "") + body
 
     def text_ids(self, text: str) -> list[int]:

@@ -102,6 +102,7 @@ class AutoCompressor(BaseCompressor):
 
     mode = "autocompressor"
     config_class = AutoCompressorConfig
+    prompt_format = "plain"  # LLoCO: summaries at positions 0..P-1, then the prompt text, no BOS, no template
 
     def __init__(self, backbone: Backbone, config: Optional[AutoCompressorConfig] = None,
                  summary_embeddings: Optional[torch.Tensor] = None):

@@ -99,6 +99,9 @@ class BaseCompressor:
 
     mode: ClassVar[str] = ""
     config_class: ClassVar[type] = CompressorConfig
+    # How the reader lays out prompts around these soft prompts: "chat" applies the decoder's chat
+    # template; "plain" is raw text without BOS, as LLoCO reads AutoCompressor summaries.
+    prompt_format: ClassVar[str] = "chat"
 
     def __init__(self, backbone: Backbone, config: CompressorConfig):
         self._backbone = backbone

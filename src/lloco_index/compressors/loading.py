@@ -13,17 +13,11 @@ from .base import BaseCompressor
 
 
 def _registry() -> dict[str, type]:
+    from .autocompressor import AutoCompressor
     from .icae import ICAECompressor
     from .token_embedding import TokenEmbeddingCompressor
 
-    classes = [ICAECompressor, TokenEmbeddingCompressor]
-    try:  # TODO(lead): import unconditionally once autocompressor.py lands
-        from .autocompressor import AutoCompressor
-
-        classes.append(AutoCompressor)
-    except ModuleNotFoundError:
-        pass
-    return {c.mode: c for c in classes}
+    return {c.mode: c for c in (ICAECompressor, TokenEmbeddingCompressor, AutoCompressor)}
 
 
 def read_compressor_config(directory: Union[str, Path]) -> dict:
