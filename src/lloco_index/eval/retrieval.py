@@ -1,0 +1,78 @@
+"""The one retriever that serves text RAG, LLMLingua and the lloco systems in a benchmark run.
+
+Documents are cut into token-exact chunks of the compressor's segment length (so a chunk is one
+soft-prompt segment), embedded with the local all-MiniLM-L6-v2, and searched with faiss inner
+product over normalised vectors. Retrieved chunks are returned in document order, as
+LLoCORetriever does, so text and soft prompts arrive in the same order.
+
+>>> embedder = load_embedder()
+>>> index = ChunkIndex.build(document.text, tokenizer, chunk_tokens=256, embedder=embedder)
+>>> hits = index.search("Who founded it?", top_k=4)      # chunk numbers, document order
+>>> [index.chunks[i] for i in hits]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+def load_embedder(path: Optional[str] = None):
+    """The packaged sentence-transformers model (no download)."""
+    from sentence_transformers import SentenceTransformer
+
+    from ..models import default_embedder_path
+
+    return SentenceTransformer(path or default_embedder_path(), device="cpu")
+
+
+def chunk_by_tokens(text: str, tokenizer, chunk_tokens: int) -> list[str]:
+    """Cut ``text`` into pieces of at most ``chunk_tokens`` tokens *after re-tokenisation*.
+
+    Decoding a token window and tokenising it again can give a different count at the edges; a
+    piece that grows past the limit is shortened token by token, so each chunk is exactly one
+    compressor segment.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    chunks: list[str] = []
+    start = 0
+    while start < len(ids):
+        end = min(start + chunk_tokens, len(ids))
+        piece = tokenizer.decode(ids[start:end])
+        while end - start > 1 and len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > chunk_tokens:
+            end -= 1
+            piece = tokenizer.decode(ids[start:end])
+        if piece.strip():
+            chunks.append(piece)
+        start = end
+    return chunks
+
+
+@dataclass
+class ChunkIndex:
+    chunks: list[str]
+    index: object  # faiss.IndexFlatIP
+    embedder: object = field(repr=False)
+    build_s: float = 0.0
+
+    @classmethod
+    def build(cls, text: str, tokenizer, *, chunk_tokens: int, embedder) -> "ChunkIndex":
+        import time
+
+        import faiss
+
+        start = time.perf_counter()
+        chunks = chunk_by_tokens(text, tokenizer, chunk_tokens)
+        vectors = np.asarray(embedder.encode(chunks, normalize_embeddings=True, batch_size=32), dtype="float32")
+        index = faiss.IndexFlatIP(vectors.shape[1])
+        index.add(vectors)
+        return cls(chunks, index, embedder, time.perf_counter() - start)
+
+    def search(self, query: str, top_k: int) -> list[int]:
+        """The ``top_k`` most similar chunks, returned in document order."""
+        vector = np.asarray(self.embedder.encode([query], normalize_embeddings=True), dtype="float32")
+        k = min(top_k, len(self.chunks))
+        _, hits = self.index.search(vector, k)
+        return sorted(int(h) for h in hits[0] if h >= 0)

@@ -1,0 +1,215 @@
+"""How each benchmarked system turns (document, question) into a timed, scored answer.
+
+Every system reads through the same :class:`~lloco_index.generation.SoftPromptReader` on the same
+decoder, with the same prompt template, so the only difference between systems is what fills the
+context slot: nothing (closed book), the document text (full context, cut to the window), retrieved
+chunk text (text RAG), LLMLingua's compression of that text, or the chunks' soft prompts (lloco).
+
+>>> messages = build_messages(example, context="...retrieved text...")
+>>> out = timed_generate(reader, messages, adapter=None, max_new_tokens=64)
+>>> out["prediction"], out["prefill_s"], out["positions"]
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..generation import PreparedPrompt, SoftPromptReader
+from ..models import autocast
+from .datasets import LETTERS, Example
+
+SYSTEM_CLOSED_BOOK = "closed_book"
+SYSTEM_FULL = "full_context"
+SYSTEM_RAG = "rag"
+SYSTEM_LLMLINGUA = "llmlingua"
+SYSTEM_LLOCO = "lloco"
+BASE_SYSTEMS = (SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_RAG, SYSTEM_LLMLINGUA, SYSTEM_LLOCO)
+
+_ANSWER_INSTRUCTIONS = {
+    "mc": "Answer with the letter of the correct option: A, B, C or D.",
+    "extractive": "Answer with a short phrase taken from the text.",
+    "needle": "Answer in one sentence.",
+    "abstractive": "Answer in a few sentences.",
+}
+CHUNK_SEPARATOR = "\n\n"
+
+
+def question_block(example: Example) -> str:
+    lines = [f"Question: {example.question}"]
+    if example.options:
+        lines += [f"({LETTERS[i]}) {opt}" for i, opt in enumerate(example.options)]
+    lines.append(_ANSWER_INSTRUCTIONS.get(example.task, _ANSWER_INSTRUCTIONS["extractive"]))
+    return "\n".join(lines)
+
+
+def build_messages(example: Example, context: Optional[str]) -> list[dict]:
+    """The one prompt template of a run; ``context=None`` is the closed-book variant."""
+    if context is None:
+        content = f"Answer the question.\n\n{question_block(example)}"
+    else:
+        content = f"Read the text below and answer the question.\n\nText:\n{context}\n\n{question_block(example)}"
+    return [{"role": "user", "content": content}]
+
+
+def option_texts(example: Example) -> list[str]:
+    """Options as the model would write them after the template's instruction: ``"(C) text"``."""
+    return [f"({LETTERS[i]}) {opt}" for i, opt in enumerate(example.options)]
+
+
+# ------------------------------------------------------------------ memory
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every ``interval`` s).
+
+    Torch allocations bypass tracemalloc, so RSS is what shows a long prefill's activations and KV
+    cache on CPU; on CUDA the allocator's own peak is recorded as well.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak_bytes = 0
+        self.start_bytes = 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.cuda_peak_bytes: Optional[int] = None
+
+    @staticmethod
+    def rss() -> int:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, self.rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.start_bytes = self.peak_bytes = self.rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self.rss())
+        if torch.cuda.is_available():
+            self.cuda_peak_bytes = int(torch.cuda.max_memory_allocated())
+
+    def as_record(self) -> dict:
+        out = {"peak_rss_mb": self.peak_bytes / 2**20, "rss_growth_mb": (self.peak_bytes - self.start_bytes) / 2**20}
+        if self.cuda_peak_bytes is not None:
+            out["cuda_peak_mb"] = self.cuda_peak_bytes / 2**20
+        return out
+
+
+# -------------------------------------------------------------- generation
+class _FirstTokenClock:
+    """A stopping criterion that never stops; it notes when generate() has produced its first token."""
+
+    def __init__(self) -> None:
+        self.first: Optional[float] = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.first is None:
+            self.first = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def timed_generate(reader: SoftPromptReader, messages: Sequence[dict], *, adapter: Optional[str],
+                   max_new_tokens: int) -> tuple[dict, PreparedPrompt]:
+    """Greedy answer with the latency split: assemble (template + embeddings), prefill (to the first token), decode."""
+    from transformers import StoppingCriteriaList
+
+    start = time.perf_counter()
+    prepared = reader.prepare(messages, max_new_tokens=max_new_tokens)
+    assembled = time.perf_counter()
+    clock = _FirstTokenClock()
+    kwargs = reader._generate_kwargs(prepared, max_new_tokens)  # the reader's own greedy settings
+    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, autocast(reader.backbone.device):
+        out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList([clock]))
+    if reader.backbone.device.type == "cuda":
+        torch.cuda.synchronize()
+    done = time.perf_counter()
+    first = clock.first or done
+    new = out[0]
+    text = reader.backbone.tokenizer.decode(new, skip_special_tokens=True).strip()
+    return {
+        "prediction": text,
+        "positions": prepared.positions,
+        "text_positions": prepared.text_positions,
+        "soft_positions": prepared.soft_positions,
+        "new_tokens": int(new.shape[0]),
+        "assemble_s": assembled - start,
+        "prefill_s": first - assembled,
+        "decode_s": done - first,
+    }, prepared
+
+
+def score_options_cached(reader: SoftPromptReader, prepared: PreparedPrompt, options: Sequence[str], *,
+                         adapter: Optional[str]) -> list[float]:
+    """Mean log-likelihood of each option as the answer, reading the prompt once.
+
+    Same quantity as ``SoftPromptReader.score_options`` but the prompt's KV cache is computed once
+    and cropped back after each option, so a 6k-token context costs one prefill, not four.
+    """
+    table = reader.backbone.embedding_table()
+    scores: list[float] = []
+    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, autocast(reader.backbone.device):
+        # transformers 5 renamed past_key_values to cache (argument and output); accept both.
+        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        out = model(inputs_embeds=prepared.inputs_embeds, use_cache=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        last_logits = out.logits[0, -1].float()
+        for option in options:
+            ids = torch.tensor(reader.text_ids(option), device=table.weight.device)
+            step = model(inputs_embeds=table(ids).unsqueeze(0), use_cache=True, **{cache_arg: cache})
+            logits = torch.cat([last_logits.unsqueeze(0), step.logits[0, :-1].float()], 0)
+            logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            scores.append(float(logp.mean()))
+            cache.crop(-len(ids))  # back to the prompt alone for the next option
+    return scores
+
+
+@dataclass
+class FullContextPlan:
+    """The document text the full-context system reads, and whether it had to be cut."""
+
+    text: str
+    document_tokens: int
+    kept_tokens: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.kept_tokens < self.document_tokens
+
+
+def plan_full_context(reader: SoftPromptReader, example: Example, document_text: str, *, max_new_tokens: int) -> FullContextPlan:
+    """Fit the document into the window: keep its first tokens when template + document + answer do not fit.
+
+    Keeping the beginning is the plainest policy (and the one that loses a late needle, which the
+    heatmap then shows); the record says how many tokens were kept.
+    """
+    tok = reader.backbone.tokenizer
+    ids = tok(document_text, add_special_tokens=False)["input_ids"]
+    overhead = reader.count_positions(reader.render(build_messages(example, "")))
+    option_room = max((len(reader.text_ids(o)) for o in option_texts(example)), default=0)
+    room = reader.backbone.context_window - max_new_tokens - overhead - option_room - 8  # 8: join slack
+    if len(ids) <= room:
+        return FullContextPlan(document_text, len(ids), len(ids))
+    kept = max(room, 0)
+    text = tok.decode(ids[:kept])
+    # Decoding and re-encoding can grow by a token or two at the cut; shrink until it fits.
+    while kept > 0 and len(tok(text, add_special_tokens=False)["input_ids"]) > room:
+        kept -= 16
+        text = tok.decode(ids[:kept])
+    return FullContextPlan(text, len(ids), kept)
