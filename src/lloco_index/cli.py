@@ -1,0 +1,115 @@
+"""The ``lloco-index`` command: demo, compress, query, pretrain, finetune, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import defaults
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.persist_dir, max_questions=args.questions, top_k=args.top_k, compare_full=not args.no_compare)
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from llama_index.core import SimpleDirectoryReader
+
+    from .compressors import load_compressor
+    from .llamaindex import build_index
+
+    compressor = load_compressor(args.compressor, decoder=args.decoder)
+    docs = SimpleDirectoryReader(str(args.directory), recursive=True, required_exts=args.ext or None).load_data()
+    index, store = build_index(docs, compressor, persist_dir=args.persist_dir, show_progress=True)
+    print(f"{len(docs)} documents -> {len(store)} soft prompts in {args.persist_dir} (compressor {compressor.fingerprint})")
+
+
+def _query(args: argparse.Namespace) -> None:
+    from .llamaindex import LLoCOLLM, LLoCOQueryEngine, load_index
+    from .llamaindex.node_keys import ID_KEY
+
+    index, store, compressor = load_index(args.persist_dir)
+    llm = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=args.adapter_name if args.adapter else "auto")
+    if args.adapter:
+        llm.load_adapter(args.adapter, args.adapter_name)
+    engine = LLoCOQueryEngine.from_index(index, llm, response_mode=args.mode, similarity_top_k=args.top_k)
+    response = engine.query(args.question)
+    print(str(response).strip())
+    for n in response.source_nodes:
+        print(f"  [{n.score:.3f}] {n.node.metadata.get('file_name', '')} soft prompt {n.node.metadata[ID_KEY]} "
+              f"({store.num_positions(n.node.metadata[ID_KEY])} positions): {n.node.text[:80]!r}...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lloco-index", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="compress the shipped sample corpus and answer questions over it")
+    p.add_argument("--persist-dir", type=Path, default=None, help=f"default: {defaults.cache_dir() / 'demo-storage'}")
+    p.add_argument("--questions", type=int, default=6)
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--no-compare", action="store_true", help="skip the full-text baseline answers")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("compress", help="compress a directory of documents into a persisted index")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--persist-dir", type=Path, required=True)
+    p.add_argument("--compressor", type=Path, default=None, help="compressor directory (default: the shipped one)")
+    p.add_argument("--decoder", default=None, help="local decoder directory (default: embedded SmolLM2)")
+    p.add_argument("--ext", action="append", help="file extensions to read, e.g. --ext .txt (repeatable)")
+    p.set_defaults(func=_compress)
+
+    p = sub.add_parser("query", help="ask a question over a persisted index")
+    p.add_argument("persist_dir", type=Path)
+    p.add_argument("question")
+    p.add_argument("--mode", default="compact", choices=["compact", "refine", "tree_summarize", "simple_summarize"])
+    p.add_argument("--top-k", type=int, default=defaults.DEFAULT_TOP_K)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to read with")
+    p.add_argument("--adapter-name", default="user_adapter")
+    p.set_defaults(func=_query)
+
+    from .eval.cli import add_bench_arguments, run_bench
+
+    add_bench_arguments(sub.add_parser("bench", help="benchmarks against the baselines (lloco_index.eval)"))
+    sub.choices["bench"].set_defaults(func=run_bench)
+    _add_optional(sub, "pretrain", "train a compressor (lloco_index.training)", "lloco_index.training.cli",
+                  "add_pretrain_arguments", "run_pretrain")
+    _add_optional(sub, "finetune", "finetune a LoRA adapter from an index (lloco_index.finetune)",
+                  "lloco_index.finetune.cli", "add_finetune_arguments", "run_finetune")
+    return parser
+
+
+def _add_optional(sub, name: str, help_text: str, module: str, add: str, run: str) -> None:
+    import importlib
+
+    try:  # TODO(lead): import unconditionally once training/ and finetune/ land
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError:
+        return
+    p = sub.add_parser(name, help=help_text)
+    getattr(mod, add)(p)
+    p.set_defaults(func=getattr(mod, run))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .errors import LLoCOError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except LLoCOError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

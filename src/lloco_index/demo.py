@@ -1,0 +1,138 @@
+"""The quick-start demo: compress the shipped sample corpus and answer questions over it.
+
+Prints, per question, the answer, the reference, the positions the decoder
+read (soft prompts + prompt text) against the positions of reading the whole
+document, and where the time went.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from . import defaults
+
+SAMPLE_CORPUS = Path(__file__).parent / "sample_corpus"
+
+
+def load_sample_corpus():
+    """The shipped CC0 documents as LlamaIndex Documents, and their questions."""
+    from llama_index.core import Document
+
+    docs = [Document(text=p.read_text(encoding="utf-8"), metadata={"file_name": p.name}, id_=p.name)
+            for p in sorted(SAMPLE_CORPUS.glob("*.txt")) if p.name != "LICENSE.txt"]
+    questions = [json.loads(line) for line in (SAMPLE_CORPUS / "questions.jsonl").read_text().splitlines() if line.strip()]
+    return docs, questions
+
+
+def default_or_untrained_compressor():
+    """The shipped compressor, or (until one ships) an untrained one, with a notice saying what that means."""
+    from .compressors import ICAECompressor, load_compressor
+    from .backbone import Backbone
+    from .errors import ModelNotFoundError
+
+    try:
+        return load_compressor(), None
+    except ModelNotFoundError:
+        notice = ("NOTICE: no pretrained compressor is shipped in this build; using an UNTRAINED compressor. "
+                  "Its soft prompts carry no information about the text, so the answers below are meaningless "
+                  "(closed-book guesses). Positions and timings are real.")
+        return ICAECompressor(Backbone.load()), notice
+
+
+def run_demo(persist_dir: Optional[Path] = None, *, max_questions: int = 6, top_k: int = 3, compare_full: bool = True,
+             compressor=None, out=print) -> list[dict]:
+    """Run the demo and return one record per question."""
+    from .llamaindex import LLoCOLLM, LLoCOQueryEngine, build_index, load_index
+    from .store import SoftPromptStore
+
+    persist_dir = Path(persist_dir or defaults.cache_dir() / "demo-storage")
+    notice = None
+    if compressor is None:
+        compressor, notice = default_or_untrained_compressor()
+    if notice:
+        out(notice)
+    quality = compressor.config.extra.get("quality_note") if hasattr(compressor, "config") else None
+    out(f"compressor: {compressor.config.mode} {compressor.fingerprint} ({compressor.n_slots} slots per "
+        f"{compressor.segment_length} tokens) on {compressor.backbone.identity}" + (f"\n{quality}" if quality else ""))
+
+    docs, questions = load_sample_corpus()
+    start = time.perf_counter()
+    manifest_ok = (persist_dir / "lloco_index.json").is_file()
+    if manifest_ok:
+        try:
+            index, store, compressor = load_index(persist_dir, compressor)
+        except Exception as exc:  # e.g. a demo dir from another compressor: rebuild elsewhere, never delete it
+            out(f"(existing demo index at {persist_dir} not reusable: {exc})")
+            persist_dir = persist_dir.with_name(persist_dir.name + "-" + compressor.fingerprint)
+            manifest_ok = False
+    if not manifest_ok:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            index, store = build_index(docs, compressor, persist_dir=persist_dir, show_progress=True)
+    n_source = sum(len(compressor.backbone.tokenize(d.text)) for d in docs)
+    out(f"indexed {len(docs)} documents, {n_source} tokens -> {len(store)} soft prompts, "
+        f"{sum(store.num_positions(i) for i in store.ids())} positions in {time.perf_counter() - start:.1f}s "
+        f"(persisted at {persist_dir})\n")
+
+    llm = LLoCOLLM(compressor, store, max_new_tokens=32)
+    engine = LLoCOQueryEngine.from_index(index, llm, response_mode="compact", similarity_top_k=top_k)
+    doc_text = {d.id_: d.text for d in docs}
+    records = []
+    for q in questions[:max_questions]:
+        t0 = time.perf_counter()
+        nodes = engine.retrieve(_bundle(q["question"]))
+        t1 = time.perf_counter()
+        seen_before = len(_calls(llm))
+        response = engine.synthesize(_bundle(q["question"]), nodes)
+        t2 = time.perf_counter()
+        used = sum(c["positions"] for c in _calls(llm)[seen_before:])
+        record = {"question": q["question"], "answer": str(response).strip(), "reference": q["answers"][0],
+                  "positions": used, "retrieve_s": t1 - t0, "generate_s": t2 - t1}
+        if compare_full:
+            full = llm.reader.generate([{"role": "user", "content": _full_prompt(doc_text[q["document"]], q["question"])}],
+                                       adapter=None)
+            record.update(full_answer=full.text, full_positions=full.prompt.positions, full_s=full.total_s)
+        records.append(record)
+        out(f"Q: {q['question']}\n   lloco : {record['answer']!r}  (reference: {record['reference']!r})")
+        line = f"   positions {used}"
+        if compare_full:
+            out(f"   full  : {record['full_answer']!r}")
+            line += f" vs {record['full_positions']} reading the whole document ({record['full_positions'] / max(used, 1):.1f}x fewer)"
+        line += f"; retrieve {record['retrieve_s']:.2f}s, generate {record['generate_s']:.2f}s"
+        if compare_full:
+            line += f", full-text answer {record['full_s']:.2f}s"
+        out(line + "\n")
+    return records
+
+
+def _bundle(question: str):
+    from llama_index.core.schema import QueryBundle
+
+    return QueryBundle(question)
+
+
+def _calls(llm) -> list[dict]:
+    """Positions of every decoder call the LLM made (recorded by wrapping the reader once)."""
+    reader = llm.reader
+    if not hasattr(reader, "_demo_calls"):
+        reader._demo_calls = []
+        original = reader.prepare
+
+        def prepare(messages, **kwargs):
+            prepared = original(messages, **kwargs)
+            reader._demo_calls.append({"positions": prepared.positions})
+            return prepared
+
+        reader.prepare = prepare
+    return reader._demo_calls
+
+
+def _full_prompt(document: str, question: str) -> str:
+    # LlamaIndex's default QA template, with the document text as the context.
+    return ("Context information is below.\n---------------------\n" + document.strip() +
+            "\n---------------------\nGiven the context information and not prior knowledge, answer the query.\n"
+            f"Query: {question}\nAnswer: ")
