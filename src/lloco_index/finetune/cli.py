@@ -1,0 +1,90 @@
+"""``lloco-index finetune PERSIST_DIR DATA``: a LoRA adapter for an index, from a command line.
+
+DATA is a jsonl of question/answer(/contexts) records, a LabelledRagDataset JSON, or ``generate`` (the
+index's own decoder writes questions from its chunks -- weak with a 135M model; prefer a stronger LLM
+through the Python API). Interrupt it at any time and run the same command again to resume.
+
+    lloco-index finetune ./storage questions.jsonl --output-dir ./adapters/legal --adapter-name legal
+    lloco-index query ./storage "..." --adapter ./adapters/legal --adapter-name legal
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .. import defaults
+from .config import FinetuneConfig
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of the ``finetune`` subcommand (defaults from :class:`FinetuneConfig`)."""
+    d = FinetuneConfig()
+    parser.add_argument("persist_dir", type=Path, help="index persisted by `lloco-index compress` / build_index")
+    parser.add_argument("data", help="jsonl of question/answer(/contexts), LabelledRagDataset JSON, or 'generate'")
+    parser.add_argument("--output-dir", type=Path, default=None, help="adapter directory (default: PERSIST_DIR/adapters/NAME)")
+    parser.add_argument("--adapter-name", default="lloco_domain")
+    parser.add_argument("--top-k", type=int, default=defaults.DEFAULT_TOP_K, help="retrieval top-k, as used when querying")
+    parser.add_argument("--position-budget", type=int, default=None)
+    parser.add_argument("--no-gold-contexts", action="store_true", help="retrieve even where the data has contexts")
+    parser.add_argument("--instruction-data", type=Path, default=None, help="general instruction data (jsonl) to mix in")
+    parser.add_argument("--instruction-ratio", type=float, default=d.instruction_ratio)
+    parser.add_argument("--questions-per-chunk", type=int, default=2, help="with DATA=generate")
+    parser.add_argument("--max-question-nodes", type=int, default=200, help="with DATA=generate")
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--lr", type=float, default=d.learning_rate)
+    parser.add_argument("--lora-r", type=int, default=d.lora_r)
+    parser.add_argument("--lora-alpha", type=int, default=d.lora_alpha)
+    parser.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum_steps)
+    parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    parser.add_argument("--patience", type=int, default=d.patience)
+    parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--max-target-tokens", type=int, default=d.max_target_tokens)
+    parser.add_argument("--no-reader-init", action="store_true", help="start from a fresh LoRA, not the shipped reader")
+    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--stop-after-steps", type=int, default=None, help="stop (resumably) after N steps this run")
+    parser.add_argument("--overwrite", action="store_true", help="discard a previous run's checkpoints")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    return FinetuneConfig(
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, learning_rate=args.lr, epochs=args.epochs,
+        micro_batch_size=args.micro_batch_size, grad_accum_steps=args.grad_accum, val_fraction=args.val_fraction,
+        patience=args.patience, eval_every=args.eval_every, max_target_tokens=args.max_target_tokens,
+        init_from_reader=not args.no_reader_init, bf16=not args.no_bf16, seed=args.seed,
+        instruction_ratio=args.instruction_ratio)
+
+
+def run_finetune(args: argparse.Namespace) -> None:
+    """Build the examples, train (or resume), print the result as JSON."""
+    import torch
+
+    from ..llamaindex import LLoCOLLM, load_index
+    from ..llamaindex.finetune import LLoCOFinetuneEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    index, store, compressor = load_index(args.persist_dir)
+    llm = LLoCOLLM(compressor, store)
+    generate = args.data == "generate"
+    if not generate and not Path(args.data).is_file():
+        raise SystemExit(f"error: no data file at '{args.data}' (or pass 'generate').")
+    output_dir = args.output_dir or args.persist_dir / "adapters" / args.adapter_name
+    engine = LLoCOFinetuneEngine(
+        index, None if generate else args.data, llm=llm, adapter_name=args.adapter_name, output_dir=output_dir,
+        config=config_from_args(args), similarity_top_k=args.top_k, position_budget=args.position_budget,
+        use_gold_contexts=not args.no_gold_contexts, instruction_data=args.instruction_data,
+        question_llm=llm if generate else None, num_questions_per_chunk=args.questions_per_chunk,
+        max_question_nodes=args.max_question_nodes, show_progress=not args.no_progress)
+    result = engine.finetune(stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
+    print(json.dumps(result.metrics(), indent=2))
+    if result.finished:
+        print(f"adapter saved to {output_dir}; query with: lloco-index query {args.persist_dir} \"...\" "
+              f"--adapter {output_dir} --adapter-name {args.adapter_name}")
+    else:
+        print(f"stopped at step {result.step}/{result.total_steps}; run the same command again to resume")
