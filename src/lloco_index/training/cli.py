@@ -1,0 +1,157 @@
+"""Command-line front end of compressor pretraining (``lloco-index pretrain``).
+
+The lead's CLI calls :func:`add_pretrain_arguments` on its sub-parser and
+:func:`run_pretrain` with the parsed args; ``python -m lloco_index.training.cli``
+runs it standalone.
+
+    lloco-index pretrain --run-dir runs/mean-4x --n-slots 64 --pool-layer 8 --steps 400
+    lloco-index pretrain --run-dir runs/mean-4x            # resumes from the newest checkpoint
+    lloco-index pretrain --eval-only --compressor DIR --data held_out.txt
+    lloco-index pretrain --export runs/mean-4x --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from typing import Optional
+
+from .. import defaults
+
+
+def _curriculum(text: str) -> list[list[int]]:
+    """``"0:64,100:128"`` -> ``[[0, 64], [100, 128]]``."""
+    return [[int(a), int(b)] for a, b in (item.split(":") for item in text.split(",") if item)]
+
+
+def _objectives(text: str) -> dict[str, float]:
+    """``"lm=0.4,kl=0.4,ae=0.2"`` -> weights."""
+    return {k: float(v) for k, v in (item.split("=") for item in text.split(",") if item)}
+
+
+def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
+    from .pretrain import PretrainConfig
+
+    d = PretrainConfig(run_dir="")
+    g = parser.add_argument_group("run")
+    g.add_argument("--run-dir", help="where checkpoints and metrics.jsonl go (resumes if it has checkpoints)")
+    g.add_argument("--data-dir", default=d.data_dir, help="the shared data (train splits for training, test for eval)")
+    g.add_argument("--sources", default=",".join(d.sources), help="train sources, comma-separated")
+    g.add_argument("--decoder", default=None, help="local HF LLaMA-family directory (default: embedded SmolLM2)")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch threads (e.g. 2 on a shared CPU)")
+    g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+    g.add_argument("--config", help="JSON file with PretrainConfig fields (flags given explicitly override it)")
+    g = parser.add_argument_group("compressor")
+    g.add_argument("--pooling", choices=["mean", "memory"], default=d.pooling)
+    g.add_argument("--segment-length", type=int, default=d.segment_length)
+    g.add_argument("--n-slots", type=int, default=d.n_slots, help="slots per full segment (ratio = segment/slots)")
+    g.add_argument("--pool-layer", type=int, default=None, help="encoder layer to pool from (default: last)")
+    g.add_argument("--lora-r", type=int, default=d.lora_r)
+    g.add_argument("--init-projection", choices=["identity", "lstsq"], default=d.init_projection)
+    g.add_argument("--init-from", default=None, help="compressor directory to start from")
+    g.add_argument("--frozen-decoder", action="store_true", help="no reader LoRA (ICAE)")
+    g.add_argument("--reader-r", type=int, default=d.reader_r)
+    g = parser.add_argument_group("objectives")
+    g.add_argument("--objectives", type=_objectives, default=d.objectives, help='e.g. "lm=0.4,kl=0.4,ae=0.2"')
+    g.add_argument("--continuation-length", type=int, default=d.continuation_length)
+    g.add_argument("--qa-file", default=None, help="JSONL QA examples for the qa objective")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=d.steps)
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--reader-lr", type=float, default=None)
+    g.add_argument("--head-lr", type=float, default=d.head_lr)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule)
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--segment-curriculum", type=_curriculum, default=[], help='"step:len,...", e.g. "0:64,100:128"')
+    g.add_argument("--slots-curriculum", type=_curriculum, default=[], help='"step:n_slots,...", e.g. "0:64,200:32"')
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = parser.add_argument_group("checkpoints and evaluation")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--eval-windows", type=int, default=d.eval_windows)
+    g.add_argument("--eval-segment-length", type=int, default=None)
+    g.add_argument("--eval-only", action="store_true", help="evaluate --compressor (or --run-dir's newest checkpoint)")
+    g.add_argument("--compressor", default=None, help="compressor directory for --eval-only (default: shipped)")
+    g.add_argument("--data", default=None, help="held-out text file for --eval-only (.txt, or .jsonl with 'text')")
+    g.add_argument("--qa", type=int, default=0, help="--eval-only: number of SQuAD test questions to answer")
+    g.add_argument("--export", default=None, metavar="RUN_DIR", help="export RUN_DIR's newest checkpoint to --out")
+    g.add_argument("--out", default=None, help="output compressor directory for --export")
+
+
+def config_from_args(args: argparse.Namespace):
+    from .pretrain import PretrainConfig
+
+    base = json.loads(open(args.config).read()) if getattr(args, "config", None) else {}
+    mapping = dict(
+        run_dir=args.run_dir, data_dir=args.data_dir, sources=args.sources.split(","), decoder=args.decoder,
+        device=args.device, threads=args.threads, pooling=args.pooling, segment_length=args.segment_length,
+        n_slots=args.n_slots, pool_layer=args.pool_layer, lora_r=args.lora_r, init_projection=args.init_projection,
+        init_from=args.init_from, reader=not args.frozen_decoder, reader_r=args.reader_r, objectives=args.objectives,
+        continuation_length=args.continuation_length, qa_file=args.qa_file, steps=args.steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, reader_lr=args.reader_lr,
+        head_lr=args.head_lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
+        gradient_checkpointing=args.gradient_checkpointing, segment_curriculum=args.segment_curriculum,
+        slots_curriculum=args.slots_curriculum, seed=args.seed, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, eval_windows=args.eval_windows, eval_segment_length=args.eval_segment_length,
+    )
+    names = {f.name for f in fields(PretrainConfig)}
+    base = {k: v for k, v in base.items() if k in names}
+    base.update({k: v for k, v in mapping.items() if v is not None or k not in base})
+    return PretrainConfig(**base)
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    """Train, resume, evaluate or export, as the arguments say. Returns a process exit code."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.export:
+        from .pretrain import export_checkpoint
+
+        if not args.out:
+            raise SystemExit("--export needs --out DIR")
+        compressor = export_checkpoint(args.export, args.out)
+        print(f"exported {compressor.fingerprint} to {args.out}")
+        return 0
+    if args.eval_only:
+        return _eval_only(args)
+    if not args.run_dir:
+        raise SystemExit("--run-dir is required for training")
+    from .pretrain import pretrain
+
+    config = config_from_args(args)
+    result = pretrain(config, resume=not args.no_resume)
+    print(json.dumps({"step": result.step, "eval": result.last_eval}, indent=2))
+    return 0
+
+
+def _eval_only(args: argparse.Namespace) -> int:
+    from ..compressors.loading import load_compressor
+    from .data import load_text_file
+    from .evaluate import evaluate_compressor, held_out_windows, squad_test_qa
+
+    compressor = load_compressor(args.compressor, decoder=args.decoder)
+    backbone = compressor.backbone
+    documents = load_text_file(args.data) if args.data else None
+    windows = held_out_windows(backbone, args.data_dir, args.eval_windows, args.eval_segment_length or compressor.segment_length,
+                               64, documents=documents)
+    qa = squad_test_qa(backbone, args.data_dir, args.qa, compressor.segment_length) if args.qa else None
+    metrics = evaluate_compressor(compressor, windows, reader_adapter=getattr(compressor, "reader_adapter", None), qa=qa)
+    print(json.dumps({"compressor": compressor.fingerprint, "windows": len(windows), **metrics}, indent=2))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="lloco-index pretrain", description="Pretrain, evaluate or export a compressor.")
+    add_pretrain_arguments(parser)
+    return run_pretrain(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Held-out evaluation of a compressor, always against its control lines.
+
+A compressor carries information only when the decoder does better with a
+chunk's own soft prompt than
+
+* with no context at all (``cont_none``: the plain model's LM loss), and
+* with the soft prompt of a *different* chunk (``cont_shuffled``): with a
+  trainable reader adapter, the first line alone can be beaten just by the
+  adapter learning the domain.
+
+Reported (per-token means over the same scored tokens in every condition):
+``cont_own`` / ``cont_shuffled`` / ``cont_raw`` (base model reading the
+uncompressed segment) / ``cont_none`` (base model, no context); ``ae_loss``,
+``ae_acc`` (teacher-forced autoencoding token accuracy) and their shuffled
+controls; ``slot_gain`` = cont_shuffled - cont_own and ``ae_gain``. Given QA
+data: answer EM/F1 with soft prompts vs the full text vs closed book, and the
+normalised score (soft - closed) / (full - closed).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..models import autocast
+from .data import QAExample, Window, load_documents, make_windows, tokenize_documents
+from .objectives import Example, PromptBuilder, build_decoder_batch, decoder_logits, per_example_scores
+
+
+def held_out_windows(backbone, data_dir, n: int, segment_length: int, continuation_length: int,
+                     documents=None) -> list[Window]:
+    """``n`` windows spread evenly over the test splits (or over ``documents``)."""
+    docs = documents if documents is not None else load_documents(data_dir, "test")
+    windows = make_windows(tokenize_documents(docs, backbone.tokenize), segment_length, continuation_length,
+                           min_continuation=continuation_length)
+    if n >= len(windows):
+        return windows
+    step = len(windows) / n
+    return [windows[int(i * step)] for i in range(n)]
+
+
+def _derangement(n: int) -> list[int]:
+    """Another chunk for every chunk: halfway round the list, so usually another document."""
+    if n < 2:
+        raise ValueError("The shuffled-slot control needs at least 2 eval windows.")
+    shift = max(1, n // 2)
+    return [(i + shift) % n for i in range(n)]
+
+
+@torch.no_grad()
+def _score(backbone, adapter: Optional[str], examples: list[Example], soft, batch_size: int) -> tuple[float, float]:
+    """(mean per-token CE, token accuracy) over all scored tokens."""
+    total = correct = count = 0.0
+    for i in range(0, len(examples), batch_size):
+        ex = examples[i : i + batch_size]
+        s = soft[i : i + batch_size]
+        embeds, mask, labels = build_decoder_batch(backbone, ex, s)
+        logits = decoder_logits(backbone, adapter, embeds, mask)
+        for pred, tgt, _ in per_example_scores(logits, labels):
+            total += float(torch.nn.functional.cross_entropy(pred, tgt, reduction="sum"))
+            correct += float((pred.argmax(-1) == tgt).sum())
+            count += tgt.numel()
+    return total / max(count, 1), correct / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter: Optional[str] = None,
+                        qa: Optional[Sequence[QAExample]] = None, batch_size: int = 8,
+                        max_new_tokens: int = 24, ae: bool = True,
+                        baseline_cache: Optional[dict] = None) -> dict[str, float]:
+    """Continuation/AE metrics with control lines on held-out ``windows`` (+ QA metrics given ``qa``)."""
+    backbone = compressor.backbone
+    builder = PromptBuilder(backbone.tokenizer)
+    windows = list(windows)
+    other = _derangement(len(windows))
+    soft = []
+    for i in range(0, len(windows), batch_size):
+        soft.extend(compressor.encode([w.segment for w in windows[i : i + batch_size]]))
+    shuffled = [soft[j] for j in other]
+    # Score continuation tokens 1.. in every condition: with no context the first one has nothing before it.
+    cont = [Example("lm", w.segment, [], [], w.continuation, score_from=1) for w in windows]
+    raw = [Example("lm", w.segment, w.segment, [], w.continuation, use_soft=False, score_from=1) for w in windows]
+    none = [Example("lm", w.segment, [], [], w.continuation, use_soft=False, score_from=1) for w in windows]
+    m: dict[str, float] = {}
+    m["cont_own"], _ = _score(backbone, reader_adapter, cont, soft, batch_size)
+    m["cont_shuffled"], _ = _score(backbone, reader_adapter, cont, shuffled, batch_size)
+    # The base model's lines do not change during training: computed once per window set.
+    key = ("base", id(backbone), tuple(len(w.segment) for w in windows), tuple(w.continuation[0] for w in windows))
+    if baseline_cache is None or key not in baseline_cache:
+        lines = (_score(backbone, None, raw, [None] * len(raw), batch_size)[0],
+                 _score(backbone, None, none, [None] * len(none), batch_size)[0])
+        if baseline_cache is not None:
+            baseline_cache[key] = lines
+    else:
+        lines = baseline_cache[key]
+    m["cont_raw"], m["cont_none"] = lines
+    if reader_adapter is not None:
+        m["cont_none_reader"], _ = _score(backbone, reader_adapter, none, [None] * len(none), batch_size)
+    m["slot_gain"] = m["cont_shuffled"] - m["cont_own"]
+    if ae:
+        ae_ex = [builder.window_example("ae", w) for w in windows]
+        m["ae_loss"], m["ae_acc"] = _score(backbone, reader_adapter, ae_ex, soft, batch_size)
+        m["ae_loss_shuffled"], m["ae_acc_shuffled"] = _score(backbone, reader_adapter, ae_ex, shuffled, batch_size)
+        m["ae_gain"] = m["ae_loss_shuffled"] - m["ae_loss"]
+    if qa:
+        m.update(evaluate_qa(compressor, qa, reader_adapter=reader_adapter, max_new_tokens=max_new_tokens))
+    return m
+
+
+# ------------------------------------------------------------------------ QA
+def normalize_answer(text: str) -> str:
+    """SQuAD's official normalisation: lowercase, no punctuation, articles or extra spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def f1_score(prediction: str, reference: str) -> float:
+    p, r = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    common = Counter(p) & Counter(r)
+    same = sum(common.values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(p), same / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _generate(backbone, adapter: Optional[str], embeds: torch.Tensor, max_new_tokens: int) -> str:
+    tok = backbone.tokenizer
+    with backbone.using(adapter) as model, autocast(embeds.device):
+        out = model.generate(inputs_embeds=embeds.unsqueeze(0), attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long,
+                             device=embeds.device), max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0], skip_special_tokens=True).strip().split("\n")[0]
+
+
+@torch.no_grad()
+def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional[str] = None,
+                max_new_tokens: int = 24) -> dict[str, float]:
+    """Greedy answers with the soft prompt (reader adapter) vs full text vs closed book (base model)."""
+    backbone = compressor.backbone
+    builder = PromptBuilder(backbone.tokenizer)
+    table = backbone.embedding_table()
+
+    def emb(ids):
+        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
+
+    scores = {k: {"em": 0.0, "f1": 0.0} for k in ("soft", "full", "closed")}
+    for ex in qa:
+        head, tail = builder.qa_pieces(ex.question)
+        segment = backbone.tokenize(ex.context)[: compressor.segment_length]
+        soft = compressor.encode([segment])[0].to(table.weight.dtype)
+        closed_ids, _ = builder.qa_pieces(ex.question, with_context=False)
+        inputs = {
+            "soft": (reader_adapter, torch.cat([emb(head), soft, emb(tail)])),
+            "full": (None, torch.cat([emb(head), emb(segment), emb(tail)])),
+            "closed": (None, emb(closed_ids)),
+        }
+        for name, (adapter, embeds) in inputs.items():
+            answer = _generate(backbone, adapter, embeds, max_new_tokens)
+            scores[name]["em"] += max(float(normalize_answer(answer) == normalize_answer(r)) for r in ex.answers)
+            scores[name]["f1"] += max(f1_score(answer, r) for r in ex.answers)
+    n = max(len(qa), 1)
+    out = {f"qa_{k}_{m}": v / n for k, d in scores.items() for m, v in d.items()}
+    gap = out["qa_full_f1"] - out["qa_closed_f1"]
+    out["qa_normalised_f1"] = (out["qa_soft_f1"] - out["qa_closed_f1"]) / gap if gap > 0 else float("nan")
+    out["qa_n"] = float(len(qa))
+    return out
+
+
+def squad_test_qa(backbone, data_dir, n: int, segment_length: int) -> list[QAExample]:
+    """``n`` SQuAD test questions spread over the articles, each with a paragraph that fits one segment."""
+    from .data import load_squad_qa
+
+    pool = load_squad_qa(Path(data_dir) / "squad/test.json", segment_length, backbone.tokenize)
+    if n >= len(pool):
+        return pool
+    step = len(pool) / n
+    return [pool[int(i * step)] for i in range(n)]

@@ -1,0 +1,398 @@
+"""The compressor pretraining loop (framework-free: plain PyTorch).
+
+``pretrain(PretrainConfig(...))`` builds (or resumes) an ICAE-style compressor
+on a decoder, optionally with a trainable reader LoRA, and trains it on a mix of
+objectives (:mod:`.objectives`) over token windows of the training splits.
+bf16 autocast, AdamW with per-group learning rates, warmup + cosine/linear
+schedule, gradient accumulation, optional gradient checkpointing, a curriculum
+over segment length and ratio, atomic checkpoints every N steps, a held-out
+evaluation with control lines every M steps, and a tqdm bar with loss,
+tokens/s and ETA. Metrics go to ``<run_dir>/metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import defaults
+from ..backbone import Backbone
+from ..compressors.icae import ENCODER_ADAPTER, READER_ADAPTER, ICAECompressor, ICAEConfig
+from . import checkpoint as ckpt
+from .data import (
+    TRAIN_SOURCES,
+    Window,
+    WindowSampler,
+    load_documents,
+    load_qa_jsonl,
+    load_squad_qa,
+    make_windows,
+    shorten,
+    tokenize_documents,
+)
+from .evaluate import evaluate_compressor, held_out_windows
+from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that defines a run; saved in ``<run_dir>/config.json`` and in every checkpoint."""
+
+    run_dir: str
+    data_dir: str = field(default_factory=lambda: str(defaults.data_dir()))
+    sources: list[str] = field(default_factory=lambda: list(TRAIN_SOURCES))
+    decoder: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
+    device: str = "cpu"
+    # --- compressor
+    pooling: str = "mean"  # "mean" (window mean-pooling) or "memory" (ICAE memory tokens)
+    segment_length: int = defaults.DEFAULT_SEGMENT_LENGTH
+    n_slots: int = defaults.DEFAULT_N_SLOTS  # slots per full segment: ratio = segment_length / n_slots
+    pool_layer: Optional[int] = None  # read encoder states after this many layers (None: last layer)
+    lora_r: int = 16
+    lora_alpha: int = 32
+    init_projection: str = "identity"  # "identity" or "lstsq" (fit hidden -> token embedding at 1x first)
+    init_from: Optional[str] = None  # a compressor directory to start from
+    # --- reader
+    reader: bool = True  # train a reader LoRA on the decoder (False: frozen decoder, ICAE)
+    reader_r: int = 16
+    reader_alpha: int = 32
+    # --- objectives
+    objectives: dict[str, float] = field(default_factory=lambda: {"lm": 0.4, "kl": 0.4, "ae": 0.2})
+    continuation_length: int = 128
+    qa_file: Optional[str] = None  # JSONL of QA examples for "qa" (default: SQuAD train gold answers)
+    kl_temperature: float = 1.0
+    # --- optimisation
+    steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-4  # encoder LoRA
+    reader_lr: Optional[float] = None  # default: lr
+    head_lr: float = 3e-3  # projection (+ memory tokens): new parameters learn faster
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    # curriculum: [[from_step, value], ...]; the last entry whose step has been reached applies
+    segment_curriculum: list[list[int]] = field(default_factory=list)  # segment length in tokens
+    slots_curriculum: list[list[int]] = field(default_factory=list)  # n_slots per full segment (ratio)
+    # --- bookkeeping
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    eval_every: int = 50
+    eval_windows: int = 16
+    eval_segment_length: Optional[int] = None  # default: segment_length
+    eval_continuation_length: int = 64
+    eval_qa: int = 0  # QA questions per eval (0: none; generation is slow on CPU)
+    threads: Optional[int] = None
+
+    @property
+    def ratio(self) -> float:
+        return self.segment_length / self.n_slots
+
+
+@dataclass
+class PretrainResult:
+    compressor: ICAECompressor
+    step: int
+    history: list[dict[str, Any]]
+    last_eval: Optional[dict[str, float]]
+
+
+def curriculum_value(schedule: list[list[int]], step: int, default: int) -> int:
+    value = default
+    for start, v in sorted(schedule):
+        if step >= start:
+            value = v
+    return value
+
+
+def lr_lambda(config: PretrainConfig):
+    """Multiplier on each group's base learning rate: linear warmup, then cosine/linear decay to min_lr_ratio."""
+
+    def f(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / max(1, config.warmup_steps)
+        if config.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * decay
+
+    return f
+
+
+# ------------------------------------------------------------------ building
+def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompressor:
+    """A fresh (or ``init_from``) compressor + reader adapter with the right parameters trainable."""
+    from peft import LoraConfig
+
+    from ..compressors.icae import LORA_TARGETS
+
+    icfg = ICAEConfig(n_slots=config.n_slots, segment_length=config.segment_length, pooling=config.pooling,
+                      lora_r=config.lora_r, lora_alpha=config.lora_alpha, pool_layer=config.pool_layer)
+    compressor = ICAECompressor(backbone, icfg)
+    if config.reader:
+        backbone.add_adapter(READER_ADAPTER, LoraConfig(r=config.reader_r, lora_alpha=config.reader_alpha,
+                                                        lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
+    if config.init_from:
+        from safetensors.torch import load_file
+
+        src = Path(config.init_from)
+        compressor.load_weights(load_file(str(src / defaults.COMPRESSOR_WEIGHTS_NAME)))
+        if config.reader and (src / "reader").is_dir():
+            from peft.utils import load_peft_weights
+
+            backbone.set_adapter_state_dict(READER_ADAPTER, load_peft_weights(str(src / "reader")))
+    # Only our adapters and head train; the base decoder stays frozen.
+    for name, p in backbone.peft_model.named_parameters():
+        p.requires_grad_(f".{ENCODER_ADAPTER}." in name or (config.reader and f".{READER_ADAPTER}." in name))
+    for p in compressor.head.parameters():
+        p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        backbone.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone.base_model.config.use_cache = False
+    return compressor
+
+
+@torch.no_grad()
+def fit_projection_lstsq(compressor: ICAECompressor, segments: list[list[int]]) -> float:
+    """Initialise the projection by least squares so that, at 1 token per slot, a slot is its token's
+    input embedding: the reader then starts from slots that mean something (at higher ratios, the mean
+    of the window's embeddings). Returns the fit's relative residual."""
+    backbone = compressor.backbone
+    saved_slots = compressor.config.n_slots
+    compressor.config.n_slots = compressor.config.segment_length  # window of 1 token
+    proj = compressor.head.projection
+    try:
+        xs, ys = [], []
+        for seg in segments:
+            with torch.no_grad():
+                hidden = _pooled_hidden(compressor, [seg])[0]
+            x = hidden.float()
+            xs.append(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + proj.eps))
+            ys.append(backbone.embedding_table().weight[torch.tensor(seg, device=backbone.device)].float())
+        X = torch.cat(xs)
+        Y = torch.cat(ys)
+        X1 = torch.cat([X, torch.ones(X.shape[0], 1, device=X.device)], 1).double().cpu()
+        sol = torch.linalg.lstsq(X1, Y.double().cpu(), driver="gelsd").solution.float()
+        proj.norm_weight.fill_(1.0)
+        proj.linear.weight.copy_(sol[:-1].T.to(proj.linear.weight.device))
+        proj.linear.bias.copy_(sol[-1].to(proj.linear.bias.device))
+        residual = float((X1.float() @ sol - Y.cpu()).norm() / Y.norm())
+    finally:
+        compressor.config.n_slots = saved_slots
+    compressor.invalidate_fingerprint()
+    return residual
+
+
+def _pooled_hidden(compressor: ICAECompressor, segments: list[list[int]]) -> list[torch.Tensor]:
+    """The encoder's pooled states before the projection (the projection temporarily made the identity)."""
+    proj = compressor.head.projection
+    original = proj.forward
+    proj.forward = lambda h: h  # type: ignore[method-assign]
+    try:
+        return compressor.encode(segments)
+    finally:
+        proj.forward = original  # type: ignore[method-assign]
+
+
+def make_optimizer(config: PretrainConfig, compressor: ICAECompressor) -> torch.optim.Optimizer:
+    backbone = compressor.backbone
+    enc = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and f".{ENCODER_ADAPTER}." in n]
+    rdr = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and f".{READER_ADAPTER}." in n]
+    groups = [
+        {"params": enc, "lr": config.lr, "name": "encoder"},
+        {"params": list(compressor.head.parameters()), "lr": config.head_lr, "name": "head"},
+    ]
+    if rdr:
+        groups.append({"params": rdr, "lr": config.reader_lr or config.lr, "name": "reader"})
+    return torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
+
+
+def trainable_state(compressor: ICAECompressor) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().clone() for k, v in compressor.weights().items()}
+    if compressor.backbone.has_adapter(READER_ADAPTER):
+        state.update({f"reader.{k}": v.detach().clone() for k, v in compressor.backbone.adapter_state_dict(READER_ADAPTER).items()})
+    return state
+
+
+def load_trainable_state(compressor: ICAECompressor, state: dict[str, torch.Tensor]) -> None:
+    compressor.load_weights({k: v for k, v in state.items() if not k.startswith("reader.")})
+    reader = {k[len("reader.") :]: v for k, v in state.items() if k.startswith("reader.")}
+    if reader:
+        compressor.backbone.set_adapter_state_dict(READER_ADAPTER, reader)
+
+
+# ---------------------------------------------------------------------- loop
+def _log(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, resume: bool = True,
+             progress: bool = True, stop_after: Optional[int] = None,
+             windows: Optional[list[Window]] = None, eval_windows: Optional[list[Window]] = None) -> PretrainResult:
+    """Train (or resume) a compressor; returns it with the metrics history.
+
+    ``resume=True`` continues from the newest loadable checkpoint in ``run_dir`` (exactly: weights,
+    optimizer, scheduler, RNG, data position). ``stop_after`` ends this call after that many steps
+    (for time-sliced runs); ``windows``/``eval_windows`` override the data (tests). Pass a fresh
+    ``backbone`` per run: adapters are added to it.
+
+    >>> pretrain(PretrainConfig(run_dir="runs/mean-4x", n_slots=64, pool_layer=8, steps=400))
+    """
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    backbone = backbone or Backbone.load(config.decoder)
+    tokenizer = backbone.tokenizer
+    builder = PromptBuilder(tokenizer)
+    mix = ObjectiveMix(dict(config.objectives))
+
+    if windows is None:
+        docs = load_documents(config.data_dir, "train", config.sources)
+        token_docs = tokenize_documents(docs, backbone.tokenize)
+        windows = make_windows(token_docs, config.segment_length, config.continuation_length)
+    if eval_windows is None and config.eval_every:
+        eval_windows = held_out_windows(backbone, config.data_dir, config.eval_windows,
+                                        config.eval_segment_length or config.segment_length,
+                                        config.eval_continuation_length)
+    qa_pool = None
+    if mix.weights.get("qa", 0) > 0:
+        qa_pool = load_qa_jsonl(config.qa_file) if config.qa_file else load_squad_qa(
+            Path(config.data_dir) / "squad/train.json", config.segment_length, backbone.tokenize)
+
+    compressor = build_compressor(config, backbone)
+    sampler = WindowSampler(windows, config.batch_size * config.grad_accum, seed=config.seed)
+    optimizer = make_optimizer(config, compressor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    history: list[dict[str, Any]] = []
+    step = 0
+    found = ckpt.latest_checkpoint(run_dir) if resume else None
+    if found is not None:
+        path, state = found
+        load_trainable_state(compressor, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["data"])
+        ckpt.set_rng_state(state["rng"])
+        history = state.get("history", [])
+        step = int(state["step"])
+        tqdm.write(f"resumed from {path} at step {step}")
+    else:
+        random.seed(config.seed)
+        torch.manual_seed(config.seed)
+        if config.init_projection == "lstsq" and not config.init_from:
+            fit = [w.segment for w in windows[: max(1, 4096 // config.segment_length)]]
+            residual = fit_projection_lstsq(compressor, fit)
+            tqdm.write(f"projection initialised by least squares (relative residual {residual:.3f})")
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+
+    def save(at: int) -> None:
+        ckpt.save_checkpoint(run_dir, at, {
+            "config": asdict(config), "model": trainable_state(compressor), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "rng": ckpt.rng_state(),
+            "history": history}, keep=config.keep_checkpoints)
+
+    def run_eval(at: int) -> dict[str, float]:
+        metrics = evaluate_compressor(compressor, eval_windows, reader_adapter=compressor.reader_adapter,
+                                      qa=None, batch_size=config.batch_size, baseline_cache=baseline_cache)
+        record = {"step": at, "eval": metrics, "time": time.time()}
+        history.append(record)
+        _log(run_dir, record)
+        tqdm.write(f"eval @ {at}: " + " ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
+        return metrics
+
+    last_eval = None
+    baseline_cache: dict = {}
+    if step == 0 and config.eval_every and eval_windows:
+        last_eval = run_eval(0)
+    end = config.steps if stop_after is None else min(config.steps, step + stop_after)
+    bar = tqdm(total=config.steps, initial=step, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+    tokens_seen, t0 = 0, time.perf_counter()
+    while step < end:
+        seg_len = curriculum_value(config.segment_curriculum, step, config.segment_length)
+        compressor.config.n_slots = curriculum_value(config.slots_curriculum, step, config.n_slots)
+        rng = random.Random(config.seed * 7_919 + step)  # per-step stream: identical after a resume
+        batch = sampler.next_batch()
+        optimizer.zero_grad(set_to_none=True)
+        parts: dict[str, list[float]] = {}
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            chunk = batch[micro * config.batch_size : (micro + 1) * config.batch_size]
+            chunk = [shorten(w, seg_len, config.continuation_length) for w in chunk]
+            names = mix.sample(rng, len(chunk))
+            examples = []
+            for name, w in zip(names, chunk):
+                if name == "qa":
+                    qa = qa_pool[rng.randrange(len(qa_pool))]
+                    examples.append(builder.qa_example(qa, seg_len))
+                else:
+                    examples.append(builder.window_example(name, w))
+            soft = compressor.encode([e.segment for e in examples])
+            report = mixed_loss(backbone, compressor.reader_adapter, examples, soft, config.kl_temperature)
+            (report.loss / config.grad_accum).backward()
+            loss_sum += float(report.loss.detach()) / config.grad_accum
+            tokens_seen += sum(len(e.segment) + len(e.target_ids) for e in examples)
+            for k, v in report.per_objective.items():
+                parts.setdefault(k, []).append(v)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        compressor.invalidate_fingerprint()
+        step += 1
+        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len,
+                  "n_slots": compressor.config.n_slots, "lr": scheduler.get_last_lr()[0],
+                  **{f"loss_{k}": sum(v) / len(v) for k, v in parts.items()}, "time": time.time()}
+        history.append(record)
+        _log(run_dir, record)
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}", seg=seg_len)
+        bar.update(1)
+        if config.eval_every and eval_windows and step % config.eval_every == 0:
+            last_eval = run_eval(step)
+        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
+            save(step)
+    bar.close()
+    if stop_after is not None and step < config.steps and config.checkpoint_every and step % config.checkpoint_every:
+        save(step)  # a time-sliced run always leaves a checkpoint where it stopped
+    compressor.config.n_slots = config.n_slots if not config.slots_curriculum else compressor.config.n_slots
+    return PretrainResult(compressor, step, history, last_eval)
+
+
+def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone] = None,
+                      step: Optional[int] = None, notes: Optional[dict[str, Any]] = None) -> ICAECompressor:
+    """Write a run's checkpoint (default: the newest) as a ``from_pretrained`` compressor directory."""
+    if step is None:
+        found = ckpt.latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"No loadable checkpoint in {run_dir}/{ckpt.CHECKPOINT_DIR}")
+        _, state = found
+    else:
+        state = ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, step))
+    fields = PretrainConfig.__dataclass_fields__
+    config = PretrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
+    config.init_projection = "identity"
+    config.init_from = None
+    backbone = backbone or Backbone.load(config.decoder)
+    compressor = build_compressor(config, backbone)
+    load_trainable_state(compressor, state["model"])
+    compressor.config.n_slots = curriculum_value(config.slots_curriculum, int(state["step"]), config.n_slots)
+    compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": int(state["step"]),
+                                            "objectives": config.objectives}, **(notes or {})}
+    compressor.invalidate_fingerprint()
+    compressor.save_pretrained(out_dir)
+    return compressor
