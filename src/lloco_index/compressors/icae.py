@@ -17,10 +17,11 @@ adapter switched off, optionally with a reader adapter trained alongside it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ class ICAEConfig(CompressorConfig):
     lora_alpha: int = 32
     lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     has_reader: bool = False  # a reader adapter is saved beside the compressor
+    # Read the encoder's hidden states after this many layers (None: the last layer). An early layer is
+    # cheaper (the encoder runs only those layers) and still close to the input-embedding space.
+    pool_layer: Optional[int] = None
 
 
 class ICAEHead(nn.Module):
@@ -78,9 +82,12 @@ class ICAECompressor(BaseCompressor):
         super().__init__(backbone, config)
         from peft import LoraConfig
 
+        # With an early pool layer the later layers never run for the encoder: no LoRA there.
+        layers = list(range(config.pool_layer)) if config.pool_layer is not None else None
         backbone.add_adapter(
             ENCODER_ADAPTER,
-            LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.lora_targets),
+            LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.lora_targets,
+                       layers_to_transform=layers),
         )
         table = backbone.embedding_table().weight.detach()
         target_norm = float(table.float().norm(dim=-1).mean())
@@ -120,7 +127,7 @@ class ICAECompressor(BaseCompressor):
             mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
             inputs = emb(ids)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self.backbone.using(ENCODER_ADAPTER) as model, autocast(device):
+        with self.backbone.using(ENCODER_ADAPTER) as model, autocast(device), _first_layers(model, self.config.pool_layer):
             hidden = model.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
         if self.config.pooling == "memory":
             pooled = [h for h in hidden[:, -self.n_slots :]]
@@ -168,6 +175,22 @@ class ICAECompressor(BaseCompressor):
         if compressor.config.has_reader and (directory / READER_SUBDIR).is_dir():
             backbone.load_adapter(directory / READER_SUBDIR, READER_ADAPTER)
         return compressor
+
+
+@contextlib.contextmanager
+def _first_layers(model: nn.Module, n_layers: Optional[int]) -> Iterator[None]:
+    """Run only the first ``n_layers`` decoder layers (LLaMA-family models loop over
+    ``layers[: config.num_hidden_layers]``). Callers hold the backbone lock, so no other call sees it."""
+    config = model.config
+    full = config.num_hidden_layers
+    if n_layers is None or n_layers >= full:
+        yield
+        return
+    config.num_hidden_layers = n_layers
+    try:
+        yield
+    finally:
+        config.num_hidden_layers = full
 
 
 def _move_adapter_dir(tmp: Path, adapter: str, target: Path) -> None:
