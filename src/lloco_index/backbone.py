@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -89,7 +90,9 @@ class Backbone:
         """Add a fresh LoRA adapter (e.g. for training)."""
         from peft import get_peft_model
 
-        with self.lock:
+        with self.lock, warnings.catch_warnings():
+            # peft calls a transformers API that transformers 5 deprecates; not actionable for users.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             if self.peft_model is None:
                 self.peft_model = get_peft_model(self.base_model, lora_config, adapter_name=name)
             elif not self.has_adapter(name):
@@ -99,7 +102,8 @@ class Backbone:
         """Load a saved peft adapter directory under ``name`` (several can be loaded at once)."""
         from peft import PeftModel
 
-        with self.lock:
+        with self.lock, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             if self.has_adapter(name):
                 return
             if self.peft_model is None:

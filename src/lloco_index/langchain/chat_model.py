@@ -136,7 +136,7 @@ class ChatLLoCO(BaseChatModel):
     @classmethod
     def from_persist_dir(cls, persist_dir: Union[str, Path], compressor: Any = None, **kwargs: Any) -> "ChatLLoCO":
         """Open the store in ``persist_dir``; the compressor is reloaded from its manifest when not given."""
-        from ._persist import load_compressor_for
+        from ..manifest import load_compressor_for
 
         if compressor is None:
             compressor = load_compressor_for(persist_dir)
@@ -187,7 +187,7 @@ class ChatLLoCO(BaseChatModel):
         compressor, store = self.compressor, self.store
         if store is None and self.persist_dir is not None:
             if compressor is None and self.backbone is None:
-                from ._persist import load_compressor_for
+                from ..manifest import load_compressor_for
 
                 compressor = load_compressor_for(self.persist_dir)
             store = SoftPromptStore.open(self.persist_dir, compressor)

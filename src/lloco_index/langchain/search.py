@@ -42,7 +42,7 @@ from ..chunking import chunk_text
 from ..compressors.base import atomic_write_bytes
 from ..errors import CorruptStoreError, EmptyDocumentError, StoreMismatchError
 from ..store import SoftPromptStore
-from . import _persist
+from .. import manifest
 
 logger = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class ChunkIndex:
             directory = self._dir(self.persist_dir)
             directory.mkdir(parents=True, exist_ok=True)
             if self.compressor is not None:  # lets ChatLLoCO.from_persist_dir find the compressor again
-                _persist.write_manifest(self.persist_dir, self.compressor)
+                manifest.write_manifest(self.persist_dir, self.compressor)
             buffer = io.BytesIO()
             np.save(buffer, self._embeddings, allow_pickle=False)
             data = buffer.getvalue()

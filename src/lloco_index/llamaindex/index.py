@@ -7,16 +7,12 @@ which says which compressor and decoder made it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .. import defaults
-from ..compressors.base import atomic_write_bytes
-from ..errors import CorruptStoreError
+from ..manifest import load_compressor_for, write_manifest
 from ..store import SoftPromptStore
 
-MANIFEST = "lloco_index.json"
 EMBED_DIM = 384  # all-MiniLM-L6-v2
 
 
@@ -76,41 +72,7 @@ def persist_index(index, store: SoftPromptStore, persist_dir: Union[str, Path], 
     persist_dir = Path(persist_dir)
     index.storage_context.persist(persist_dir=str(persist_dir))
     store.persist(persist_dir)
-    source = getattr(compressor, "source_dir", None)
-    if source is None:  # a compressor made in code: keep a copy so the index can be reopened alone
-        source = persist_dir / "lloco_compressor"
-        compressor.save_pretrained(source)
-        source = "lloco_compressor"
-    manifest = {"compressor_dir": str(source), "decoder": _decoder_ref(compressor), "fingerprint": compressor.fingerprint}
-    atomic_write_bytes(persist_dir / MANIFEST, json.dumps(manifest, indent=2).encode())
-
-
-def _decoder_ref(compressor) -> Optional[str]:
-    backbone = compressor.backbone
-    if backbone.identity == defaults.DEFAULT_DECODER_NAME:
-        return None
-    return backbone.source_path or backbone.identity
-
-
-def read_manifest(persist_dir: Union[str, Path]) -> dict:
-    path = Path(persist_dir) / MANIFEST
-    if not path.is_file():
-        raise CorruptStoreError(
-            f"'{persist_dir}' is not a lloco-index persist dir ({MANIFEST} missing). Build it with build_index(..., "
-            f"persist_dir=...) or `lloco-index compress DIR --persist-dir {persist_dir}`."
-        )
-    return json.loads(path.read_text())
-
-
-def load_compressor_for(persist_dir: Union[str, Path], decoder: Optional[Union[str, Path]] = None):
-    """The compressor that made the index in ``persist_dir``."""
-    from ..compressors import load_compressor
-
-    manifest = read_manifest(persist_dir)
-    source = Path(manifest["compressor_dir"])
-    if not source.is_absolute():
-        source = Path(persist_dir) / source
-    return load_compressor(source, decoder=decoder if decoder is not None else manifest.get("decoder"))
+    write_manifest(persist_dir, compressor)
 
 
 def load_index(persist_dir: Union[str, Path], compressor=None, *, embed_model=None):

@@ -63,7 +63,7 @@ class LLoCOLLM(CustomLLM):
     @classmethod
     def from_persist_dir(cls, persist_dir: Union[str, Path], compressor=None, **kwargs: Any) -> "LLoCOLLM":
         """The LLM for an index persisted with :func:`build_index` (its compressor is reloaded when not given)."""
-        from .index import load_compressor_for
+        from ..manifest import load_compressor_for
 
         compressor = compressor or load_compressor_for(persist_dir)
         return cls(compressor, SoftPromptStore.open(persist_dir, compressor), **kwargs)

@@ -1,12 +1,8 @@
-"""The persist-dir manifest, read and written without importing LlamaIndex.
+"""The persist-dir manifest ``lloco_index.json``: which compressor and decoder made a persist dir.
 
-A ``persist_dir`` made by lloco-index holds ``lloco_index.json``: which
-compressor (a directory, relative to the persist dir when a copy was saved
-into it) and which decoder made the soft prompts. The LlamaIndex adapter
-writes the same file (``lloco_index.llamaindex.index``); this copy keeps the
-LangChain adapter free of a LlamaIndex import (~2 s and a heavy dependency
-chain) while staying byte-compatible with it, so that one persist dir can be
-reopened from either framework.
+It names the compressor directory (relative to the persist dir when a copy
+was saved into it) and the decoder. Framework-free, so that one persist dir
+can be reopened from LlamaIndex or LangChain.
 """
 
 from __future__ import annotations
@@ -15,11 +11,11 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .. import defaults
-from ..compressors.base import atomic_write_bytes
-from ..errors import CorruptStoreError, StoreMismatchError
+from . import defaults
+from .compressors.base import atomic_write_bytes
+from .errors import CorruptStoreError, StoreMismatchError
 
-MANIFEST = "lloco_index.json"  # same name and schema as lloco_index.llamaindex.index.MANIFEST
+MANIFEST = "lloco_index.json"
 COMPRESSOR_COPY = "lloco_compressor"
 
 
@@ -70,13 +66,13 @@ def write_manifest(persist_dir: Union[str, Path], compressor: Any) -> None:
 
 def load_compressor_for(persist_dir: Union[str, Path], decoder: Optional[Union[str, Path]] = None) -> Any:
     """The compressor that made ``persist_dir``, reloaded from the directory its manifest names."""
-    from ..compressors import load_compressor
+    from .compressors import load_compressor
 
     manifest = read_manifest(persist_dir)
     if manifest is None:
         raise CorruptStoreError(
             f"'{persist_dir}' has no {MANIFEST}, so the compressor that made it is unknown. Pass compressor=... "
-            f"(the one used with LLoCOLangChainRetriever.from_texts / build_index)."
+            f"(the one used with build_index / LLoCOLangChainRetriever.from_texts)."
         )
     source = Path(manifest["compressor_dir"])
     if not source.is_absolute():
