@@ -79,20 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(sub.add_parser("bench", help="benchmarks against the baselines (lloco_index.eval)"))
     sub.choices["bench"].set_defaults(func=run_bench)
-    _add_optional(sub, "pretrain", "train a compressor (lloco_index.training)", "lloco_index.training.cli",
+    _add_subcommand(sub, "pretrain", "train a compressor (lloco_index.training)", "lloco_index.training.cli",
                   "add_pretrain_arguments", "run_pretrain")
-    _add_optional(sub, "finetune", "finetune a LoRA adapter from an index (lloco_index.finetune)",
+    _add_subcommand(sub, "finetune", "finetune a LoRA adapter from an index (lloco_index.finetune)",
                   "lloco_index.finetune.cli", "add_finetune_arguments", "run_finetune")
     return parser
 
 
-def _add_optional(sub, name: str, help_text: str, module: str, add: str, run: str) -> None:
+def _add_subcommand(sub, name: str, help_text: str, module: str, add: str, run: str) -> None:
     import importlib
 
-    try:  # TODO(lead): import unconditionally once training/ and finetune/ land
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError:
-        return
+    mod = importlib.import_module(module)
     p = sub.add_parser(name, help=help_text)
     getattr(mod, add)(p)
     p.set_defaults(func=getattr(mod, run))
