@@ -274,6 +274,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
         qa_pool = load_qa_jsonl(config.qa_file) if config.qa_file else load_squad_qa(
             Path(config.data_dir) / "squad/train.json", config.segment_length, backbone.tokenize)
 
+    torch.manual_seed(config.seed)  # LoRA initialisation; a resume overwrites weights and RNG anyway
     compressor = build_compressor(config, backbone)
     sampler = WindowSampler(windows, config.batch_size * config.grad_accum, seed=config.seed)
     optimizer = make_optimizer(config, compressor)

@@ -1,0 +1,69 @@
+"""Sequence-level distillation targets: the uncompressed model's own answers (PISCO-style).
+
+The teacher (the base decoder, no adapters) reads each question with the full
+context and answers greedily; those answers, not the gold labels, become the
+``qa`` objective's targets, so the compressed reader learns to answer as the
+full-text reader does.
+
+    python -m lloco_index.training.distill --out runs/distill/squad_train.jsonl --n 500
+    lloco-index pretrain ... --objectives lm=0.3,kl=0.3,ae=0.2,qa=0.2 --qa-file runs/distill/squad_train.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import defaults
+from ..backbone import Backbone
+from ..models import autocast
+from .data import QAExample, load_squad_qa, write_qa_jsonl
+from .objectives import PromptBuilder
+
+
+@torch.no_grad()
+def teacher_answers(backbone: Backbone, examples: Sequence[QAExample], *, segment_length: int,
+                    max_new_tokens: int = 24, progress: bool = True) -> list[QAExample]:
+    """Each example with ``answers = [teacher's answer]`` (the gold answers kept after it for reference)."""
+    builder = PromptBuilder(backbone.tokenizer)
+    tok = backbone.tokenizer
+    out = []
+    for ex in tqdm(examples, desc="teacher answers", disable=not progress):
+        head, tail = builder.qa_pieces(ex.question)
+        ids = head + backbone.tokenize(ex.context)[:segment_length] + tail
+        with backbone.using(None) as model, autocast(backbone.device):
+            gen = model.generate(input_ids=torch.tensor([ids], device=backbone.device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        answer = tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+        if answer:
+            out.append(QAExample(ex.context, ex.question, [answer] + list(ex.answers), ex.doc_id))
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Write teacher answers for SQuAD train questions (JSONL).")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data-dir", default=str(defaults.data_dir()))
+    parser.add_argument("--n", type=int, default=500, help="questions (a seeded random sample)")
+    parser.add_argument("--segment-length", type=int, default=defaults.DEFAULT_SEGMENT_LENGTH)
+    parser.add_argument("--decoder", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backbone = Backbone.load(args.decoder)
+    pool = load_squad_qa(Path(args.data_dir) / "squad/train.json", args.segment_length, backbone.tokenize)
+    sample = random.Random(args.seed).sample(pool, min(args.n, len(pool)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_qa_jsonl(args.out, teacher_answers(backbone, sample, segment_length=args.segment_length))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
