@@ -95,7 +95,7 @@ def _measure(system: str, length: int, reader: SoftPromptReader, messages, adapt
     runs = []
     for _ in range(args.repeats):
         with PeakRSS() as memory:
-            out, _ = timed_generate(reader, messages, adapter=adapter, max_new_tokens=args.max_new_tokens)
+            out, _ = timed_generate(reader, messages, adapter=adapter, max_new_tokens=args.max_new_tokens, stop_at_line_end=True)
         out["total_s"] = out["assemble_s"] + out["prefill_s"] + out["decode_s"]
         out.update(memory.as_record())
         runs.append(out)

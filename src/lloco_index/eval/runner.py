@@ -41,6 +41,7 @@ from .systems import (
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 ADAPTER_NAME = "bench_reader"
+SHORT_ANSWER_TASKS = ("mc", "extractive", "needle")  # answers end at their first line break
 
 
 # ------------------------------------------------------------------ suites
@@ -461,7 +462,8 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
                 adapter = system.adapter or AUTO
                 record["adapter_used"] = reader.resolve_adapter(adapter)
         messages = build_messages(ex, context)
-        generated, prepared = timed_generate(reader, messages, adapter=adapter, max_new_tokens=max_new_tokens)
+        generated, prepared = timed_generate(reader, messages, adapter=adapter, max_new_tokens=max_new_tokens,
+                                             stop_at_line_end=ex.task in SHORT_ANSWER_TASKS)
     latency.update({k: generated.pop(k) for k in ("assemble_s", "prefill_s", "decode_s")})
     latency["total_s"] = sum(latency.values())
     record.update(generated)

@@ -125,18 +125,40 @@ class _FirstTokenClock:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
+class _StopAtLineEnd:
+    """Stop once the answer has text and a token brings a line break (short-answer tasks, as QA harnesses do).
+
+    Small instruct models append explanations after the answer; without this the decode time
+    measures rambling, the same for every system, and drowns the differences in prefill.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.has_text = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        piece = self.tokenizer.decode(input_ids[0, -1:])
+        stop = self.has_text and "\n" in piece
+        self.has_text = self.has_text or bool(piece.strip())
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
 def timed_generate(reader: SoftPromptReader, messages: Sequence[dict], *, adapter: Optional[str],
-                   max_new_tokens: int) -> tuple[dict, PreparedPrompt]:
-    """Greedy answer with the latency split: assemble (template + embeddings), prefill (to the first token), decode."""
+                   max_new_tokens: int, stop_at_line_end: bool = False) -> tuple[dict, PreparedPrompt]:
+    """Greedy answer with the latency split: assemble (template + embeddings), prefill (to the first token), decode.
+
+    ``stop_at_line_end`` ends the answer at its first line break (short-answer tasks).
+    """
     from transformers import StoppingCriteriaList
 
     start = time.perf_counter()
     prepared = reader.prepare(messages, max_new_tokens=max_new_tokens)
     assembled = time.perf_counter()
     clock = _FirstTokenClock()
+    criteria = [clock] + ([_StopAtLineEnd(reader.backbone.tokenizer)] if stop_at_line_end else [])
     kwargs = reader._generate_kwargs(prepared, max_new_tokens)  # the reader's own greedy settings
     with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, autocast(reader.backbone.device):
-        out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList([clock]))
+        out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(criteria))
     if reader.backbone.device.type == "cuda":
         torch.cuda.synchronize()
     done = time.perf_counter()
