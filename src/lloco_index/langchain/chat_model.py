@@ -101,10 +101,14 @@ class ChatLLoCO(BaseChatModel):
     timeout: Optional[float] = Field(default=None, description="Accepted for compatibility; generation is local.")
     max_retries: int = Field(default=0, description="Accepted for compatibility; generation is local.")
     streaming: bool = Field(default=False, description="Use the streaming path for invoke too.")
+    max_batch_size: int = Field(default=1, ge=1, description=(
+        "Concurrent calls (batch()/abatch(), concurrent ainvoke) answered together in one batched generate call, "
+        "up to this many; 1 keeps one call at a time."))
     model_name: Optional[str] = Field(default=None, description="Name reported in metadata (default: the decoder's identity).")
 
     _reader: Optional[SoftPromptReader] = PrivateAttr(default=None)
     _init_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _batcher: Any = PrivateAttr(default=None)
 
     # ------------------------------------------------------------ validation
     @model_validator(mode="after")
@@ -355,7 +359,33 @@ class ChatLLoCO(BaseChatModel):
         reader = self.reader
         chat = self.to_reader_messages(messages)
         self._inspect(reader, chat)  # unknown placeholders fail here, with the store's message
-        result = reader.generate(chat, adapter=options.adapter, max_new_tokens=options.max_new_tokens)
+        if self.max_batch_size > 1:  # batch() runs this in a thread pool: concurrent calls share batches
+            result = self._batching_queue(reader).generate(chat, adapter=options.adapter, max_new_tokens=options.max_new_tokens)
+        else:
+            result = reader.generate(chat, adapter=options.adapter, max_new_tokens=options.max_new_tokens)
+        return self._chat_result(reader, options, result)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
+                         run_manager: Any = None, **kwargs: Any) -> ChatResult:
+        if self.max_batch_size <= 1:
+            return await super()._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        options = self._options(stop, kwargs)
+        reader = self.reader
+        chat = self.to_reader_messages(messages)
+        self._inspect(reader, chat)
+        result = await self._batching_queue(reader).agenerate(chat, adapter=options.adapter,
+                                                               max_new_tokens=options.max_new_tokens)
+        return self._chat_result(reader, options, result)
+
+    def _batching_queue(self, reader: SoftPromptReader):
+        with self._init_lock:
+            if self._batcher is None or self._batcher.reader is not reader:
+                from ..serving.batching import BatchingQueue
+
+                self._batcher = BatchingQueue(reader, max_batch_size=self.max_batch_size)
+            return self._batcher
+
+    def _chat_result(self, reader: SoftPromptReader, options: _CallOptions, result: Any) -> ChatResult:
         text, stopped = _cut_at_stop(result.text, options.stop)
         prompt = result.prompt
         usage, metadata = self._usage(reader, options, prompt.text_positions, prompt.soft_positions,

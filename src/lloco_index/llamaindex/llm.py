@@ -45,9 +45,13 @@ class LLoCOLLM(CustomLLM):
     max_new_tokens: int = Field(default=defaults.DEFAULT_MAX_NEW_TOKENS, description="Tokens to generate per call.")
     context_window: int = Field(default=defaults.DEFAULT_CONTEXT_WINDOW, description="Decoder positions per call.")
     system_prompt: Optional[str] = Field(default=None, description="System prompt added when the messages have none.")
+    max_batch_size: int = Field(default=1, ge=1, description=(
+        "Concurrent async calls (acomplete/achat) answered together in one batched generate call, up to this many; "
+        "1 keeps one call at a time."))
 
     _reader: SoftPromptReader = PrivateAttr()
     _compressor: Any = PrivateAttr()
+    _batcher: Any = PrivateAttr(default=None)
 
     def __init__(self, compressor, store: Optional[SoftPromptStore] = None, **kwargs: Any):
         backbone = compressor.backbone
@@ -166,6 +170,32 @@ class LLoCOLLM(CustomLLM):
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="")
 
         return gen()
+
+
+    # ------------------------------------------------------ async (batched)
+    def _batching_queue(self):
+        # Created on first use; pydantic private attrs are per instance, so each LLM has its own queue.
+        if self._batcher is None:
+            from ..serving.batching import BatchingQueue
+
+            self._batcher = BatchingQueue(self._reader, max_batch_size=self.max_batch_size)
+        return self._batcher
+
+    @llm_completion_callback()
+    async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        """With ``max_batch_size > 1``, concurrent calls (``asyncio.gather``, async query engines) share batches."""
+        if self.max_batch_size <= 1:
+            return self.complete(prompt, formatted=formatted, **kwargs)
+        result = await self._batching_queue().agenerate([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+        return CompletionResponse(text=result.text, additional_kwargs=self._result(result))
+
+    @llm_chat_callback()
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        if self.max_batch_size <= 1:
+            return self.chat(messages, **kwargs)
+        result = await self._batching_queue().agenerate(self._messages(messages), **self._call_kwargs(kwargs))
+        return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
+                            additional_kwargs=self._result(result))
 
 
 class PositionTokenizer:
