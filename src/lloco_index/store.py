@@ -12,6 +12,12 @@ to a temporary name and renamed, shards before the index, so a crash leaves
 the previous state readable; a shard the index does not know yet (a crash
 between the two renames) is adopted when the store is next opened. Shards are
 memory-mapped and read lazily.
+
+The bytes live behind a :class:`~lloco_index.storage.StorageBackend`: a local
+directory by default, or any fsspec URL (``s3://bucket/index``,
+``memory://...``) for object storage, where shards are read tensor by tensor
+with ranged reads. ``quantization="int8-absmax-row"`` (recorded in
+``store.json``) stores int8 values with one float32 scale per row.
 """
 
 from __future__ import annotations
@@ -21,13 +27,14 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
 from . import defaults
-from .compressors.base import atomic_save_safetensors, atomic_write_bytes
 from .errors import CorruptStoreError, StoreMismatchError, UnknownPlaceholderError
+from .storage.backends import StorageBackend, backend_for, is_url, join_location
+from .storage.quantization import SCALE_SUFFIX, check_scheme, dequantize_rows, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,43 +55,63 @@ class SoftPromptStore:
     torch.Size([32, 576])
     """
 
-    def __init__(self, fingerprint: str, *, compressor_info: Optional[dict] = None, path: Optional[Union[str, Path]] = None):
+    def __init__(self, fingerprint: str, *, compressor_info: Optional[dict] = None, path: Optional[Union[str, Path]] = None,
+                 backend: Optional[StorageBackend] = None, quantization: Optional[str] = None):
+        check_scheme(quantization)
         self.fingerprint = fingerprint
         self.compressor_info = dict(compressor_info or {})
-        self.path: Optional[Path] = Path(path) if path is not None else None
+        self.quantization = quantization  # None, or "int8-absmax-row" (recorded in store.json)
+        if backend is None and path is not None:
+            backend = backend_for(path if is_url(path) else Path(path))
+        self.backend: Optional[StorageBackend] = backend  # None: in memory until persist()
+        # The local directory when there is one (memory-mapped reads; callers reopen stores by it).
+        local = backend.local_path("") if backend is not None else None
+        self.path: Optional[Path] = Path(local) if local is not None else None
         self._index: dict[str, dict] = {}  # id -> {"shard": name, "positions": n}
         self._pending: dict[str, torch.Tensor] = {}  # in memory, not yet persisted
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, object] = {}  # shard -> safe_open handle (local) or ShardHeader (remote)
 
     # ---------------------------------------------------------------- open
     @staticmethod
-    def store_dir(persist_dir: Union[str, Path]) -> Path:
-        return Path(persist_dir) / defaults.STORE_SUBDIR
+    def store_dir(persist_dir: Union[str, Path]) -> Union[str, Path]:
+        """``persist_dir/lloco_store`` (a Path, or a URL string for an fsspec URL)."""
+        return join_location(persist_dir, defaults.STORE_SUBDIR)
 
     @classmethod
-    def open(cls, persist_dir: Union[str, Path], compressor=None) -> "SoftPromptStore":
+    def open(cls, persist_dir: Union[str, Path], compressor=None, *, quantization: Optional[str] = None,
+             storage_options: Optional[dict[str, Any]] = None) -> "SoftPromptStore":
         """Open the store in ``persist_dir`` (creating it for ``compressor`` if absent).
 
-        Raises :class:`StoreMismatchError` when it was written by another compressor.
+        ``persist_dir`` is a local directory or an fsspec URL (``s3://bucket/index``; ``storage_options``
+        go to fsspec). ``quantization`` applies when the store is created; an existing store keeps the
+        scheme recorded in its ``store.json``. Raises :class:`StoreMismatchError` when it was written by
+        another compressor.
         """
-        directory = cls.store_dir(persist_dir)
-        if not (directory / "store.json").is_file():
+        check_scheme(quantization)
+        backend = backend_for(cls.store_dir(persist_dir), **(storage_options or {}))
+        if not backend.exists("store.json"):
             if compressor is None:
                 raise CorruptStoreError(
                     f"No soft-prompt store in '{persist_dir}' ({defaults.STORE_SUBDIR}/store.json missing). "
                     f"Compress documents into it first (`lloco-index compress DIR --persist-dir {persist_dir}`)."
                 )
-            store = cls.for_compressor(compressor, path=directory)
+            store = cls.for_compressor(compressor, backend=backend, quantization=quantization)
             store._write_meta()
             store._write_index()
             return store
-        store = cls._read(directory)
+        store = cls._read(backend)
+        if quantization is not None and quantization != store.quantization:
+            raise StoreMismatchError(
+                f"The soft-prompt store at '{backend.location}' stores {store.quantization or 'unquantized'} soft "
+                f"prompts; it cannot switch to {quantization}. Persist into a new directory to change it."
+            )
         if compressor is not None:
             store.check_compressor(compressor)
         return store
 
     @classmethod
-    def for_compressor(cls, compressor, path: Optional[Union[str, Path]] = None) -> "SoftPromptStore":
+    def for_compressor(cls, compressor, path: Optional[Union[str, Path]] = None, *, backend: Optional[StorageBackend] = None,
+                       quantization: Optional[str] = None) -> "SoftPromptStore":
         info = {
             "mode": compressor.config.mode,
             "base_model": compressor.backbone.identity,
@@ -93,28 +120,39 @@ class SoftPromptStore:
             "hidden_size": compressor.backbone.hidden_size,
             "dtype": compressor.config.storage_dtype,
         }
-        return cls(compressor.fingerprint, compressor_info=info, path=path)
+        return cls(compressor.fingerprint, compressor_info=info, path=path, backend=backend, quantization=quantization)
 
     @classmethod
-    def _read(cls, directory: Path) -> "SoftPromptStore":
+    def _read(cls, directory: Union[str, Path, StorageBackend]) -> "SoftPromptStore":
+        backend = backend_for(directory)
+        where = f"{backend.location.rstrip('/')}/store.json"
         try:
-            meta = json.loads((directory / "store.json").read_text())
+            meta = json.loads(backend.read("store.json").decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CorruptStoreError(
-                f"{directory / 'store.json'} is corrupt ({exc}). It records which compressor wrote the store: restore "
+                f"{where} is corrupt ({exc}). It records which compressor wrote the store: restore "
                 f"it from a backup, or recompress into a new persist_dir."
             ) from exc
         if meta.get("format") != FORMAT_VERSION:
-            raise CorruptStoreError(f"{directory}: store format {meta.get('format')} is not supported (expected {FORMAT_VERSION}).")
-        store = cls(meta["fingerprint"], compressor_info=meta.get("compressor", {}), path=directory)
+            raise CorruptStoreError(f"{backend.location}: store format {meta.get('format')} is not supported (expected {FORMAT_VERSION}).")
+        try:
+            store = cls(meta["fingerprint"], compressor_info=meta.get("compressor", {}), backend=backend,
+                        quantization=meta.get("quantization"))
+        except ValueError as exc:  # a quantization scheme this version does not know
+            raise CorruptStoreError(f"{where}: {exc}") from exc
         store._load_index()
         return store
+
+    @property
+    def location(self) -> Optional[str]:
+        """Where the store lives (directory or URL); None while in memory."""
+        return self.backend.location if self.backend is not None else None
 
     def check_compressor(self, compressor) -> None:
         if compressor.fingerprint != self.fingerprint:
             info = self.compressor_info
             raise StoreMismatchError(
-                f"The soft-prompt store at '{self.path}' was written by compressor {self.fingerprint} "
+                f"The soft-prompt store at '{self.location}' was written by compressor {self.fingerprint} "
                 f"(mode {info.get('mode')}, base model {info.get('base_model')}, {info.get('n_slots')} slots per "
                 f"{info.get('segment_length')} tokens), but the compressor in use is {compressor.fingerprint} "
                 f"(mode {compressor.config.mode}, base model {compressor.backbone.identity}). Load the compressor that "
@@ -127,49 +165,73 @@ class SoftPromptStore:
         return self.path / "shards"
 
     def _load_index(self) -> None:
-        index_path = self.path / "index.json"
         try:
-            self._index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+            self._index = json.loads(self.backend.read("index.json").decode("utf-8")) if self.backend.exists("index.json") else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
-            logger.warning("%s is corrupt; rebuilding it from the shards", index_path)
+            logger.warning("%s/index.json is corrupt; rebuilding it from the shards", self.backend.location)
             self._index = {}
+        self.adopt_shards()
+
+    def adopt_shards(self) -> int:
+        """Index the shards the index does not list yet; returns how many soft prompts were added.
+
+        Shards land before the index, so a crash between the two (or writers
+        that only write shards, like the data-parallel compressor) leaves
+        shards to adopt. Called on open; call it again to see shards other
+        processes have written since. ``index.json`` is rewritten when
+        anything was adopted.
+        """
         known = {entry["shard"] for entry in self._index.values()}
-        shard_dir = self._shard_dir()
-        adopted = False
-        for shard in sorted(shard_dir.glob("*.safetensors")) if shard_dir.is_dir() else []:
-            if shard.name in known:
+        added = 0
+        for name in self.backend.list("shards/"):
+            shard = name.split("/", 1)[1]
+            if not shard.endswith(".safetensors") or shard in known:
                 continue
             # Written, but the index update did not land (a crash between the two renames): adopt it.
             try:
                 for key, positions in self._shard_entries(shard):
-                    self._index.setdefault(key, {"shard": shard.name, "positions": positions})
-                adopted = True
+                    if key not in self._index:
+                        self._index[key] = {"shard": shard, "positions": positions}
+                        added += 1
             except CorruptStoreError as exc:
                 logger.warning("ignoring unreadable shard: %s", exc)
-        if adopted:
+        if added:
             self._write_index()
+        return added
 
-    def _shard_entries(self, shard: Path) -> list[tuple[str, int]]:
-        from safetensors import safe_open
-
+    def _shard_entries(self, shard: Union[str, Path]) -> list[tuple[str, int]]:
+        name = Path(shard).name if isinstance(shard, Path) else shard
+        local = self.backend.local_path(f"shards/{name}")
         try:
-            with safe_open(str(shard), framework="pt") as f:
-                return [(k, int(f.get_slice(k).get_shape()[0])) for k in f.keys()]
+            if local is not None:
+                from safetensors import safe_open
+
+                with safe_open(str(local), framework="pt") as f:
+                    shapes = [(k, f.get_slice(k).get_shape()) for k in f.keys()]
+            else:
+                from .storage.safetensors_io import read_header
+
+                shapes = [(k, v["shape"]) for k, v in read_header(self.backend, f"shards/{name}").tensors.items()]
         except Exception as exc:
-            raise CorruptStoreError(self._corrupt_message(shard.name, exc)) from exc
+            raise CorruptStoreError(self._corrupt_message(name, exc)) from exc
+        return [(k, int(shape[0])) for k, shape in shapes if not k.endswith(SCALE_SUFFIX)]
 
     def _write_meta(self) -> None:
         meta = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "compressor": self.compressor_info}
-        atomic_write_bytes(self.path / "store.json", json.dumps(meta, indent=2, sort_keys=True).encode())
+        if self.quantization is not None:  # absent for unquantized stores: their store.json is unchanged
+            meta["quantization"] = self.quantization
+        self.backend.write_atomic("store.json", json.dumps(meta, indent=2, sort_keys=True).encode())
 
     def _write_index(self) -> None:
-        atomic_write_bytes(self.path / "index.json", json.dumps(self._index, sort_keys=True).encode())
+        self.backend.write_atomic("index.json", json.dumps(self._index, sort_keys=True).encode())
 
     def _corrupt_message(self, shard: str, exc: Exception) -> str:
+        location = self.backend.location if self.backend is not None else "..."
+        where = self.path.parent if self.path else location
         return (
-            f"Soft-prompt shard '{self._shard_dir() / shard}' is truncated or corrupt ({exc}). Other shards are intact: "
-            f"delete this file and run the compression again (`lloco-index compress ... --persist-dir "
-            f"{self.path.parent if self.path else '...'}`); only the chunks it held are recomputed."
+            f"Soft-prompt shard '{location.rstrip('/')}/shards/{shard}' is truncated or corrupt ({exc}). Other shards "
+            f"are intact: delete this file and run the compression again (`lloco-index compress ... --persist-dir "
+            f"{where}`); only the chunks it held are recomputed."
         )
 
     # -------------------------------------------------------------- access
@@ -194,7 +256,7 @@ class SoftPromptStore:
         raise self._unknown(prompt_id)
 
     def _unknown(self, prompt_id: str) -> UnknownPlaceholderError:
-        where = f"'{self.path}'" if self.path else "this in-memory store"
+        where = f"'{self.location}'" if self.backend is not None else "this in-memory store"
         return UnknownPlaceholderError(
             f"Unknown soft-prompt id '{prompt_id}': it is not in {where} ({len(self)} ids, compressor "
             f"{self.fingerprint}). The prompt names a chunk that was never compressed into this store: open the store "
@@ -209,42 +271,88 @@ class SoftPromptStore:
             raise self._unknown(prompt_id)
         handle = self._handle(entry["shard"])
         try:
-            return handle.get_tensor(prompt_id)
+            if self.quantization is None:
+                return self._read_tensor(entry["shard"], handle, prompt_id)
+            values = self._read_tensor(entry["shard"], handle, prompt_id)
+            scales = self._read_tensor(entry["shard"], handle, prompt_id + SCALE_SUFFIX)
         except Exception as exc:
             raise CorruptStoreError(self._corrupt_message(entry["shard"], exc)) from exc
+        return dequantize_rows(values, scales, self._output_dtype())
+
+    def _read_tensor(self, shard: str, handle, key: str) -> torch.Tensor:
+        if self.path is not None:
+            return handle.get_tensor(key)
+        from .storage.safetensors_io import read_tensor
+
+        return read_tensor(self.backend, f"shards/{shard}", handle, key)
+
+    def _output_dtype(self) -> torch.dtype:
+        """What the compressor produced (and an unquantized store would return)."""
+        dtype = getattr(torch, str(self.compressor_info.get("dtype") or "float32"), None)
+        return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
     def _handle(self, shard: str):
-        from safetensors import safe_open
-
         if shard not in self._handles:
-            path = self._shard_dir() / shard
-            if not path.is_file():
+            name = f"shards/{shard}"
+            if not self.backend.exists(name):
                 raise CorruptStoreError(self._corrupt_message(shard, FileNotFoundError("file missing")))
             try:
-                self._handles[shard] = safe_open(str(path), framework="pt")  # memory-mapped, lazy
+                if self.path is not None:
+                    from safetensors import safe_open
+
+                    self._handles[shard] = safe_open(str(self.backend.local_path(name)), framework="pt")  # memory-mapped, lazy
+                else:
+                    from .storage.safetensors_io import read_header
+
+                    self._handles[shard] = read_header(self.backend, name)  # then one ranged read per tensor
             except Exception as exc:
                 raise CorruptStoreError(self._corrupt_message(shard, exc)) from exc
         return self._handles[shard]
 
     # --------------------------------------------------------------- write
-    def put(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Add soft prompts; written to disk at once (one new shard) when the store has a path."""
+    def put(self, tensors: dict[str, torch.Tensor], *, update_index: bool = True) -> Optional[str]:
+        """Add soft prompts; written at once (one new shard) when the store is persisted. Returns the shard name.
+
+        ``update_index=False`` writes the shard only: for many writers sharing
+        one store (data-parallel workers), whose index updates would race.
+        The store's owner then calls :meth:`adopt_shards` (opening the store
+        does it too).
+        """
         fresh = {k: v.detach().cpu().contiguous() for k, v in tensors.items() if k not in self}
         if not fresh:
-            return
-        if self.path is None:
+            return None
+        if self.backend is None:
+            if self.quantization is not None:  # what a persisted store would give back
+                fresh = {k: dequantize_rows(*quantize_rows(v), v.dtype) for k, v in fresh.items()}
             self._pending.update(fresh)
-            return
-        self._write_shard(fresh)
+            return None
+        return self._write_shard(fresh, update_index=update_index)
 
-    def _write_shard(self, tensors: dict[str, torch.Tensor]) -> None:
-        shard_dir = self._shard_dir()
-        shard_dir.mkdir(parents=True, exist_ok=True)
+    def _encode(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.quantization is None:
+            return tensors
+        out = {}
+        for key, value in tensors.items():
+            out[key], out[key + SCALE_SUFFIX] = quantize_rows(value)
+        return out
+
+    def _write_shard(self, tensors: dict[str, torch.Tensor], *, update_index: bool = True) -> str:
+        from safetensors.torch import save
+
         name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{hashlib.sha256(''.join(sorted(tensors)).encode()).hexdigest()[:10]}.safetensors"
-        atomic_save_safetensors(tensors, shard_dir / name, metadata={"fingerprint": self.fingerprint})
+        encoded = {k: v.detach().contiguous().cpu() for k, v in self._encode(tensors).items()}
+        self.backend.write_atomic(f"shards/{name}", save(encoded, metadata={"fingerprint": self.fingerprint}))
         for key, value in tensors.items():
             self._index[key] = {"shard": name, "positions": int(value.shape[0])}
-        self._write_index()
+        if update_index:
+            self._write_index()
+        return name
+
+    def storage_bytes(self) -> int:
+        """Bytes of all shards (what the soft prompts cost on disk or in the bucket)."""
+        if self.backend is None:
+            return 0
+        return sum(self.backend.size(n) for n in self.backend.list("shards/") if n.endswith(".safetensors"))
 
     def add(self, texts: Sequence[str], compressor, *, batch_size: Optional[int] = None, progress: bool = False,
             flush_every: int = 256) -> list[str]:
@@ -266,21 +374,30 @@ class SoftPromptStore:
             self.put({k: p for (k, _), p in zip(part, prompts)})
         return ids
 
-    def persist(self, persist_dir: Union[str, Path]) -> None:
-        """Write the store beside an index's StorageContext (``index.storage_context.persist(persist_dir)``)."""
-        target = self.store_dir(persist_dir)
-        if self.path is not None and target.resolve() == self.path.resolve():
+    def persist(self, persist_dir: Union[str, Path], *, storage_options: Optional[dict[str, Any]] = None) -> None:
+        """Write the store beside an index's StorageContext (``index.storage_context.persist(persist_dir)``).
+
+        ``persist_dir`` may be an fsspec URL (e.g. to copy a local store to object storage).
+        """
+        target_location = self.store_dir(persist_dir)
+        if (self.path is not None and not is_url(target_location)
+                and Path(target_location).resolve() == self.path.resolve()):
             return
-        if (target / "store.json").is_file():
+        if self.backend is not None and is_url(target_location) and self.backend.location == str(target_location).rstrip("/"):
+            return
+        target = backend_for(target_location, **(storage_options or {}))
+        if target.exists("store.json"):
             SoftPromptStore._read(target)._check_same(self)
-        previous_path, self.path = self.path, target
-        target.mkdir(parents=True, exist_ok=True)
+        previous = self.backend
+        self.backend = target
+        local = target.local_path("")
+        self.path = Path(local) if local is not None else None
         self._write_meta()
         everything = dict(self._pending)
-        if previous_path is not None:
-            old = SoftPromptStore._read(previous_path)
+        if previous is not None:
+            old = SoftPromptStore._read(previous)
             everything.update({k: old.get(k) for k in old.ids()})
-        self._index = json.loads((target / "index.json").read_text()) if (target / "index.json").is_file() else {}
+        self._index = json.loads(target.read("index.json").decode("utf-8")) if target.exists("index.json") else {}
         self._handles = {}
         self._pending = {}
         self.put(everything)
@@ -289,8 +406,13 @@ class SoftPromptStore:
     def _check_same(self, other: "SoftPromptStore") -> None:
         if other.fingerprint != self.fingerprint:
             raise StoreMismatchError(
-                f"'{self.path}' already holds soft prompts of compressor {self.fingerprint}; refusing to mix in "
+                f"'{self.location}' already holds soft prompts of compressor {self.fingerprint}; refusing to mix in "
                 f"{other.fingerprint}. Persist into a new directory."
+            )
+        if other.quantization != self.quantization:
+            raise StoreMismatchError(
+                f"'{self.location}' stores {self.quantization or 'unquantized'} soft prompts; refusing to mix in "
+                f"{other.quantization or 'unquantized'} ones. Persist into a new directory."
             )
 
     def iter_items(self, ids: Optional[Iterable[str]] = None):
