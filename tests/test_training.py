@@ -35,6 +35,15 @@ TEXT = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A tiny model gains nothing from threads, and on a shared CPU extra threads mostly spin-wait.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     from transformers import AutoTokenizer
@@ -142,3 +151,25 @@ def test_eval_reports_control_lines(tmp_path, tokenizer, windows):
     for key in ("cont_own", "cont_shuffled", "cont_raw", "cont_none", "ae_acc", "ae_acc_shuffled", "slot_gain"):
         assert math.isfinite(metrics[key]), key
     assert 0.0 <= metrics["ae_acc"] <= 1.0
+
+
+def test_export_round_trip(tmp_path, tokenizer, windows):
+    from lloco_index.compressors.loading import load_compressor
+    from lloco_index.training.pretrain import export_checkpoint
+
+    result = pretrain(config(tmp_path / "run", steps=2, checkpoint_every=2), backbone=tiny_backbone(tokenizer),
+                      windows=windows, progress=False)
+    exported = export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), backbone=tiny_backbone(tokenizer))
+    trained, written = trainable_state(result.compressor), trainable_state(exported)
+    assert trained.keys() == written.keys() and all(torch.equal(trained[k], written[k]) for k in trained)
+    loaded = load_compressor(tmp_path / "out", backbone=tiny_backbone(tokenizer))
+    assert loaded.fingerprint == exported.fingerprint and loaded.reader_adapter == "lloco_reader"
+    with torch.no_grad():
+        a = result.compressor.encode([windows[0].segment])[0]
+        b = loaded.encode([windows[0].segment])[0]
+        ids = torch.tensor([windows[0].continuation])
+        with result.compressor.backbone.using("lloco_reader") as m1:
+            la = m1(input_ids=ids).logits
+        with loaded.backbone.using("lloco_reader") as m2:
+            lb = m2(input_ids=ids).logits
+    assert torch.allclose(a, b) and torch.allclose(la, lb)

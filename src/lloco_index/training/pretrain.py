@@ -370,7 +370,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     bar.close()
     if stop_after is not None and step < config.steps and config.checkpoint_every and step % config.checkpoint_every:
         save(step)  # a time-sliced run always leaves a checkpoint where it stopped
-    compressor.config.n_slots = config.n_slots if not config.slots_curriculum else compressor.config.n_slots
+    # The ratio the weights were last trained at (a ratio curriculum may have moved it).
+    compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(step - 1, 0), config.n_slots)
     return PretrainResult(compressor, step, history, last_eval)
 
 
@@ -391,7 +392,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     backbone = backbone or Backbone.load(config.decoder)
     compressor = build_compressor(config, backbone)
     load_trainable_state(compressor, state["model"])
-    compressor.config.n_slots = curriculum_value(config.slots_curriculum, int(state["step"]), config.n_slots)
+    compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(int(state["step"]) - 1, 0), config.n_slots)
     compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": int(state["step"]),
                                             "objectives": config.objectives}, **(notes or {})}
     compressor.invalidate_fingerprint()
