@@ -81,6 +81,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--qa", type=int, default=0, help="--eval-only: number of SQuAD test questions to answer")
     g.add_argument("--export", default=None, metavar="RUN_DIR", help="export RUN_DIR's newest checkpoint to --out")
     g.add_argument("--out", default=None, help="output compressor directory for --export")
+    # Remember the defaults so that a --config file is overridden only by flags given explicitly.
+    parser.set_defaults(_pretrain_defaults={a.dest: a.default for a in parser._actions})
 
 
 def config_from_args(args: argparse.Namespace):
@@ -101,7 +103,16 @@ def config_from_args(args: argparse.Namespace):
     )
     names = {f.name for f in fields(PretrainConfig)}
     base = {k: v for k, v in base.items() if k in names}
-    base.update({k: v for k, v in mapping.items() if v is not None or k not in base})
+    defaults_seen = getattr(args, "_pretrain_defaults", {})
+    flag_of = {"reader": "frozen_decoder", "sources": "sources"}
+    for key, value in mapping.items():
+        flag = flag_of.get(key, key)
+        explicit = flag in defaults_seen and getattr(args, flag) != defaults_seen[flag]
+        if key not in base or explicit:
+            base[key] = value
+    base = {k: v for k, v in base.items() if v is not None or k in ("decoder", "pool_layer", "init_from",
+                                                                   "qa_file", "reader_lr", "threads",
+                                                                   "eval_segment_length")}
     return PretrainConfig(**base)
 
 
@@ -112,13 +123,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.export:
-        from .pretrain import export_checkpoint
-
-        if not args.out:
-            raise SystemExit("--export needs --out DIR")
-        compressor = export_checkpoint(args.export, args.out)
-        print(f"exported {compressor.fingerprint} to {args.out}")
-        return 0
+        return _export(args)
     if args.eval_only:
         return _eval_only(args)
     if not args.run_dir:
@@ -128,6 +133,45 @@ def run_pretrain(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = pretrain(config, resume=not args.no_resume)
     print(json.dumps({"step": result.step, "eval": result.last_eval}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """Export the newest checkpoint, evaluate it on held-out text (+ QA) and write MODEL_CARD.md."""
+    import sys
+    import time
+    from pathlib import Path
+
+    from ..compressors.base import atomic_write_bytes
+    from . import checkpoint as ckpt
+    from .evaluate import evaluate_compressor, held_out_windows, squad_test_qa
+    from .model_card import write_model_card
+    from .pretrain import export_checkpoint
+
+    if not args.out:
+        raise SystemExit("--export needs --out DIR")
+    found = ckpt.latest_checkpoint(args.export)
+    if found is None:
+        raise SystemExit(f"No loadable checkpoint in {args.export}")
+    _, state = found
+    step = int(state["step"])
+    compressor = export_checkpoint(args.export, args.out, step=step)
+    print(f"exported step {step} ({compressor.fingerprint}) to {args.out}")
+    backbone = compressor.backbone
+    windows = held_out_windows(backbone, args.data_dir, args.eval_windows,
+                               args.eval_segment_length or compressor.segment_length, 64)
+    qa = squad_test_qa(backbone, args.data_dir, args.qa, compressor.segment_length) if args.qa else None
+    metrics = evaluate_compressor(compressor, windows, reader_adapter=compressor.reader_adapter, qa=qa)
+    metrics["eval_windows"] = float(len(windows))
+    print(json.dumps(metrics, indent=2))
+    # Record the measurement in the shipped config too (``extra`` does not change the fingerprint).
+    compressor.config.extra["eval"] = metrics
+    atomic_write_bytes(Path(args.out) / defaults.COMPRESSOR_CONFIG_NAME, compressor.config.to_json().encode())
+    times = [r["time"] for r in state.get("history", []) if "time" in r]
+    card = write_model_card(args.out, args.export, base_model=backbone.identity, config=state["config"],
+                            final_eval=metrics, step=step, command="lloco-index pretrain " + " ".join(sys.argv[1:]),
+                            wall_hours=(times[-1] - times[0]) / 3600 if len(times) > 1 else None)
+    print(f"wrote {card}")
     return 0
 
 
