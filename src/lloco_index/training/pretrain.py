@@ -291,6 +291,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
         ckpt.set_rng_state(state["rng"])
         history = state.get("history", [])
         step = int(state["step"])
+        # Records written after this checkpoint belong to steps that will be redone: drop them.
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         tqdm.write(f"resumed from {path} at step {step}")
     else:
         random.seed(config.seed)
