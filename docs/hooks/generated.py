@@ -24,6 +24,8 @@ import re
 import tokenize
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
+
 log = logging.getLogger("mkdocs.hooks.lloco")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -212,7 +214,12 @@ def error_messages() -> list[tuple[str, int, str, str]]:
     out = []
     for path in sorted(SRC.rglob("*.py")):
         source = path.read_text(encoding="utf-8")
-        for node in ast.walk(ast.parse(source)):
+        try:
+            tree = ast.parse(source)
+        except SyntaxError as exc:
+            log.warning("cannot parse %s to check its error messages: %s", path.relative_to(ROOT), exc)
+            continue
+        for node in ast.walk(tree):
             if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
                 continue
             name = ast.unparse(node.exc.func).split(".")[-1]
@@ -237,7 +244,58 @@ def check_error_coverage(markdown: str) -> list[str]:
     return missing
 
 
+# ------------------------------------------------------------ docstring markdown
+_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|mod|exc|data|obj|const):`~?([^`]+)`")
+
+
+class _DocstringPreprocessor:
+    """Docstrings are written for ``help()``: turn their doctest lines (``>>> ...``) into code blocks and
+    Sphinx roles (``:class:`X` ``) into code, so that they render as code, not as quoted prose."""
+
+    def __init__(self):
+        from markdown.preprocessors import Preprocessor
+
+        class _Pre(Preprocessor):
+            def run(self, lines):
+                out, block, fence = [], [], None
+                for line in lines + [""]:
+                    stripped = line.lstrip()
+                    if fence is None and stripped.startswith(("```", "~~~")):
+                        fence = stripped[:3]
+                    elif fence is not None and stripped.startswith(fence):
+                        fence = None
+                    if fence is None and (stripped.startswith(">>>") or (block and stripped)):
+                        block.append(line)
+                        continue
+                    if block:
+                        indent = block[0][: len(block[0]) - len(block[0].lstrip())]
+                        out += ["", indent + "```pycon"] + block + [indent + "```", ""]
+                        block = []
+                    out.append(line if fence is not None else _ROLE.sub(r"`\1`", line))
+                return out[:-1]
+
+        self.cls = _Pre
+
+
+def _docstring_extension():
+    from markdown.extensions import Extension
+
+    pre = _DocstringPreprocessor().cls
+
+    class DocstringExtension(Extension):
+        def extendMarkdown(self, md):
+            md.preprocessors.register(pre(md), "lloco_doctest", 40)  # before fenced code (superfences: 32)
+
+    return DocstringExtension()
+
+
 # ----------------------------------------------------------------------- the hook
+@event_priority(100)  # before mkdocstrings reads the extensions
+def on_config(config):
+    config.markdown_extensions.append(_docstring_extension())
+    return config
+
+
 _GENERATORS = {
     "<!-- lloco:cli -->": cli_markdown,
     "<!-- lloco:defaults -->": defaults_markdown,
