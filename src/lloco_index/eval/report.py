@@ -91,6 +91,7 @@ def summarize(questions: list[dict]) -> dict[str, dict[str, dict]]:
                 agg[part] = _mean(r["latency"].get(part) for r in rows)
             agg["peak_rss_mb"] = max(r["memory"]["peak_rss_mb"] for r in rows)
             agg["truncated"] = sum(1 for r in rows if r.get("truncated"))
+            agg["load"] = _mean(r.get("loadavg_1m") for r in rows)
             agg["ids"] = {r["example_id"] for r in rows}
             out[dataset][system] = agg
     # Normalised score of the primary metric, on each system's own questions.
@@ -190,7 +191,7 @@ def markdown(run: Optional[dict], questions: list[dict], documents: list[dict], 
         metrics = METRIC_COLUMNS.get(task, [])
         lines += [f"## {dataset} ({task}; primary metric `{PRIMARY_METRIC.get(task)}`)", ""]
         header = ["system", "n", *metrics, "normalised", "positions", "x fewer", "retrieve s", "compress s",
-                  "assemble s", "prefill s", "decode s", "total s", "speed-up", "peak RSS MB", "truncated"]
+                  "assemble s", "prefill s", "decode s", "total s", "speed-up", "prefill speed-up", "peak RSS MB", "truncated", "load avg"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "---|" * len(header))
         for name in sorted(systems, key=_system_sort_key):
@@ -198,7 +199,7 @@ def markdown(run: Optional[dict], questions: list[dict], documents: list[dict], 
             cells = [f"`{name}`", str(a["n"]), *[_fmt(a.get(m)) for m in metrics], _fmt(a.get("normalized")),
                      _fmt(a["positions"], 0), _fmt(a.get("fewer_positions"), 1), _fmt(a["retrieve_s"]),
                      _fmt(a["compress_s"], 2), _fmt(a["assemble_s"]), _fmt(a["prefill_s"], 2), _fmt(a["decode_s"], 2),
-                     _fmt(a["total_s"], 2), _fmt(a.get("speedup"), 2), _fmt(a["peak_rss_mb"], 0), str(a["truncated"])]
+                     _fmt(a["total_s"], 2), _fmt(a.get("speedup"), 2), _fmt(a.get("prefill_speedup"), 2), _fmt(a["peak_rss_mb"], 0), str(a["truncated"]), _fmt(a["load"], 1)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     comp = compression_table(documents, questions)
@@ -214,11 +215,14 @@ def markdown(run: Optional[dict], questions: list[dict], documents: list[dict], 
     ident = identity_check(questions)
     if ident:
         lines += [f"Identity check: `lloco[token_embedding]` gave the text-RAG answer on {ident[0]} of {ident[1]} questions "
-                  f"(same chunks as token embeddings instead of text).", ""]
+                  f"(same chunks as token embeddings instead of text; a difference means the chunk text tokenised inside the prompt "
+                  f"differs at a chunk boundary from the chunk tokenised alone: compare the two rows' positions).", ""]
     lines += ["Columns: `positions` = decoder input positions (template + context + question); `x fewer` and `speed-up` "
               "are against `full_context` on the same dataset; `total s` = retrieve + compress + assemble + prefill "
               "(to the first token) + decode; `normalised` = (system − closed book) / (full context − closed book) on "
-              "the primary metric; `truncated` = questions whose document was cut to the window. Break-even = one-off "
+              "the primary metric; `truncated` = questions whose document was cut to the window; `load avg` = the machine's "
+              "1-minute load average at the end of each answer (other jobs on a shared machine stretch latencies); "
+              "`prefill speed-up` isolates the part the compression ratio bounds. Break-even = one-off "
               "compression time / per-query saving (median over documents).", ""]
     for plot in plots:
         lines.append(f"![{Path(plot).stem}]({Path(plot).name})")
@@ -268,11 +272,11 @@ def plot_all(questions: list[dict], out_dir: Path, tag: str, context_window: Opt
             ax.plot(xs, [statistics.fmean(series[name][x]) for x in xs], marker="o", label=name)
         if context_window:
             ax.axvline(context_window, color="grey", linestyle="--", linewidth=1)
-            ax.text(context_window, ax.get_ylim()[1] * 0.95, " model window\n (full context truncated past it)", fontsize=7, va="top")
+            ax.text(context_window, ax.get_ylim()[1] * 0.95, "model window: full context\ntruncated past it ", fontsize=7, va="top", ha="right")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("document length (decoder tokens)")
-        ax.set_ylabel("query latency, s (retrieve+compress+assemble+prefill+decode)")
+        ax.set_ylabel("query latency, s (end to end)")
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out_dir / f"{tag}-latency-vs-length.png"
