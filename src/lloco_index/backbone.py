@@ -38,8 +38,11 @@ class Backbone:
         self.lock = threading.RLock()
 
     @classmethod
-    def load(cls, name_or_path: Optional[Union[str, Path]] = None, *, dtype: torch.dtype = torch.float32) -> "Backbone":
-        bundle = load_decoder(name_or_path, dtype=dtype)
+    def load(cls, name_or_path: Optional[Union[str, Path]] = None, *, dtype: Optional[torch.dtype] = None,
+             device: Optional[Union[str, torch.device]] = None) -> "Backbone":
+        """The decoder on ``device`` (default: a GPU when there is one, else the CPU) in ``dtype``
+        (default: bf16 on a GPU, float32 on the CPU); see :func:`lloco_index.models.select_dtype`."""
+        bundle = load_decoder(name_or_path, dtype=dtype, device=device)
         # One Backbone per loaded decoder so adapters injected into the model are shared, not duplicated.
         existing = getattr(bundle, "_backbone", None)
         if existing is None:

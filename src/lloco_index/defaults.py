@@ -34,6 +34,7 @@ PLACEHOLDER_SUFFIX = "|>"
 # --- files and environment -------------------------------------------------
 CACHE_DIR_ENV = "LLOCO_CACHE_DIR"
 DATA_DIR_ENV = "LLOCO_DATA_DIR"
+DEVICE_ENV = "LLOCO_DEVICE"  # "cpu", "cuda", "cuda:1": where decoders load (default: a GPU if present)
 STORE_SUBDIR = "lloco_store"
 COMPRESSOR_CONFIG_NAME = "lloco_compressor.json"
 COMPRESSOR_WEIGHTS_NAME = "compressor.safetensors"

@@ -116,19 +116,48 @@ def resolve_decoder_path(name_or_path: Optional[Union[str, Path]]) -> tuple[Path
     return path, identity
 
 
-def load_decoder(name_or_path: Optional[Union[str, Path]] = None, *, dtype: torch.dtype = torch.float32) -> DecoderBundle:
+def select_device(device: Optional[Union[str, torch.device]] = None) -> torch.device:
+    """``device``, else ``$LLOCO_DEVICE``, else the first CUDA GPU when there is one, else the CPU."""
+    if device is None:
+        device = os.environ.get(defaults.DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def select_dtype(device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """``dtype``, else bf16 on GPUs that have it (fp16 on older ones), float32 on the CPU.
+
+    On the CPU the weights stay float32 and matmuls run under bf16 autocast
+    (:func:`autocast`): bf16 weights there would slow the non-autocast ops
+    and change the embedded default's answers.
+    """
+    if dtype is not None:
+        return dtype
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_decoder(name_or_path: Optional[Union[str, Path]] = None, *, dtype: Optional[torch.dtype] = None,
+                 device: Optional[Union[str, torch.device]] = None) -> DecoderBundle:
     """Load a LLaMA-family causal LM and its tokenizer from local files (cached per process).
 
+    ``device``/``dtype`` default to :func:`select_device`/:func:`select_dtype`:
+    float32 on the CPU (unchanged), bf16 on a GPU.
+
     >>> bundle = load_decoder()            # the embedded SmolLM2-135M-Instruct
-    >>> bundle = load_decoder("/models/llama-2-7b-chat-hf")
+    >>> bundle = load_decoder("/models/llama-2-7b-chat-hf", device="cuda")   # bf16 on the GPU
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, identity = resolve_decoder_path(name_or_path)
-    key = f"{path}|{dtype}"
+    device = select_device(device)
+    dtype = select_dtype(device, dtype)
+    key = f"{path}|{dtype}" + (f"|{device}" if device.type != "cpu" else "")
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    if device.type != "cpu":
+        model.to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     if tokenizer.pad_token_id is None:
