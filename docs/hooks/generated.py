@@ -90,8 +90,8 @@ _MEANINGS = {
     "DEFAULT_MAX_NEW_TOKENS": "tokens generated per LLM call",
     "PLACEHOLDER_PREFIX": "start of the placeholder that stands for a soft prompt in prompt text",
     "PLACEHOLDER_SUFFIX": "end of the placeholder: `<|lloco:ID|>`",
-    "CACHE_DIR_ENV": "environment variable: where converted model copies live",
-    "DATA_DIR_ENV": "environment variable: where benchmark and training data sets are read",
+    "CACHE_DIR_ENV": "environment variable: where converted model copies live (default `~/.cache/lloco-index`)",
+    "DATA_DIR_ENV": "environment variable: where benchmark and training data sets are read (default `../shared/data`)",
     "STORE_SUBDIR": "the soft-prompt store's directory inside a persist dir",
     "COMPRESSOR_CONFIG_NAME": "a compressor directory's config (mode, base model, slots, segment length)",
     "COMPRESSOR_WEIGHTS_NAME": "a compressor directory's weights",
@@ -141,7 +141,25 @@ def defaults_markdown() -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Escape table-breaking pipes outside code spans (inside them, Python-Markdown's tables leave pipes alone)."""
+    parts = text.split("`")
+    return "`".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
+
+
+def env_markdown() -> str:
+    """The environment variables named in defaults.py (constants ending in ``_ENV``)."""
+    import lloco_index.defaults as d
+
+    source = (SRC / "defaults.py").read_text(encoding="utf-8")
+    comments = {tok.start[0]: tok.string.lstrip("#").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    rows = ["| variable | constant | meaning |", "| --- | --- | --- |"]
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id.endswith("_ENV"):
+            name = node.targets[0].id
+            meaning = comments.get(node.end_lineno, "") or _MEANINGS.get(name, "")
+            rows.append(f"| `{getattr(d, name)}` | `defaults.{name}` | {_cell(meaning)} |")
+    return "\n".join(rows) + "\n"
 
 
 # ---------------------------------------------------------------------- benchmarks
@@ -299,6 +317,7 @@ def on_config(config):
 _GENERATORS = {
     "<!-- lloco:cli -->": cli_markdown,
     "<!-- lloco:defaults -->": defaults_markdown,
+    "<!-- lloco:env -->": env_markdown,
     "<!-- lloco:benchmarks -->": benchmarks_markdown,
     "<!-- lloco:model-cards -->": model_cards_markdown,
 }
