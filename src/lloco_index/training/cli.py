@@ -81,6 +81,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--qa", type=int, default=0, help="--eval-only: number of SQuAD test questions to answer")
     g.add_argument("--export", default=None, metavar="RUN_DIR", help="export RUN_DIR's newest checkpoint to --out")
     g.add_argument("--out", default=None, help="output compressor directory for --export")
+    g.add_argument("--export-step", type=int, default=None, help="checkpoint step to export (default: newest)")
     # Remember the defaults so that a --config file is overridden only by flags given explicitly.
     parser.set_defaults(_pretrain_defaults={a.dest: a.default for a in parser._actions})
 
@@ -150,10 +151,13 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise SystemExit("--export needs --out DIR")
-    found = ckpt.latest_checkpoint(args.export)
-    if found is None:
-        raise SystemExit(f"No loadable checkpoint in {args.export}")
-    _, state = found
+    if args.export_step is not None:
+        state = ckpt.load_checkpoint(ckpt.checkpoint_path(args.export, args.export_step))
+    else:
+        found = ckpt.latest_checkpoint(args.export)
+        if found is None:
+            raise SystemExit(f"No loadable checkpoint in {args.export}")
+        _, state = found
     step = int(state["step"])
     compressor = export_checkpoint(args.export, args.out, step=step)
     print(f"exported step {step} ({compressor.fingerprint}) to {args.out}")
