@@ -42,7 +42,7 @@ def verdict(metrics: dict[str, float], margin: float = 0.02) -> str:
 def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dict[str, Any],
                      final_eval: Optional[dict[str, float]], command: str, step: int,
                      wall_hours: Optional[float] = None, extra_notes: str = "") -> Path:
-    history = eval_history(run_dir)
+    history = [r for r in eval_history(run_dir) if r["step"] <= step]
     ratio = config["segment_length"] / config["n_slots"]
     lines = [
         f"# {Path(out_dir).name}",
@@ -66,6 +66,9 @@ def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dic
         "- data (train splits only): " + "; ".join(DATA_LICENCES[s] for s in config["sources"] if s in DATA_LICENCES),
         "",
         "## Measured (held-out text: SQuAD test articles 31-38 + QuALITY test)",
+        f"During training: {config.get('eval_windows')} windows of {config.get('eval_segment_length') or config['segment_length']} "
+        f"tokens + {config.get('eval_continuation_length', 64)} continuation tokens, at the ratio in force at that step "
+        f"(ratio curriculum: {config.get('slots_curriculum') or 'none'}, n_slots per {config['segment_length']} tokens). "
         "Per-token continuation loss on the same tokens in every condition; `own` = this chunk's soft prompt with "
         "the reader, `shuffled` = another chunk's soft prompt (control), `raw` = base model reading the full text, "
         "`none` = base model with no context (floor line); `ae_acc` = teacher-forced reconstruction accuracy.",
