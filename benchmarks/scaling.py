@@ -60,6 +60,8 @@ def main(argv=None) -> None:
     plain = SoftPromptReader(backbone, None, adapter=None, max_new_tokens=args.max_new_tokens)
     window = backbone.context_window
     print(f"compressor {entry.label} ({entry.fingerprint}): {entry.note}; window {window}")
+    meta = {"machine": machine_info(), "compressor": entry.label, "fingerprint": entry.fingerprint, "note": entry.note,
+            "window": window, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
     for ex in bench.examples:
         doc = bench.documents[ex.document_id]
         length = ex.metadata["length"]
@@ -85,10 +87,9 @@ def main(argv=None) -> None:
         rows.append(row)
         print(json.dumps({k: v for k, v in rows[-2].items() if k != "prediction"}))
         print(json.dumps({k: v for k, v in row.items() if k != "prediction"}))
-    meta = {"machine": machine_info(), "compressor": entry.label, "fingerprint": entry.fingerprint, "note": entry.note,
-            "window": window, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats}
-    (out_dir / "scaling.jsonl").write_text("\n".join(json.dumps(r) for r in [{"type": "run", **meta}, *rows]) + "\n")
-    _report(rows, meta, out_dir)
+        # Written after every length, so a long run that is stopped keeps what it measured.
+        (out_dir / "scaling.jsonl").write_text("\n".join(json.dumps(r) for r in [{"type": "run", **meta}, *rows]) + "\n")
+        _report(rows, meta, out_dir)
 
 
 def _measure(system: str, length: int, reader: SoftPromptReader, messages, adapter, args) -> dict:

@@ -60,6 +60,7 @@ def test_normalized_score():
     assert m.normalized_score(0.6, 0.25, 0.75) == pytest.approx(0.7)
     assert m.normalized_score(0.25, 0.25, 0.75) == pytest.approx(0.0)
     assert m.normalized_score(0.5, 0.5, 0.5) is None  # full context no better than closed book
+    assert m.normalized_score(0.1, 0.3, 0.2) is None  # ... or worse: a negative gap would flip the sign
 
 
 def test_score_prediction_by_task():

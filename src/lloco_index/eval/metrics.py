@@ -131,9 +131,13 @@ def loglik_accuracy(option_scores: Sequence[float], gold_index: int) -> float:
 
 
 def normalized_score(system: float, closed_book: float, full_context: float) -> Optional[float]:
-    """(system − closed book) / (full context − closed book); ``None`` when full context is no better."""
+    """(system − closed book) / (full context − closed book); ``None`` when full context is no better.
+
+    With no headroom (the model does as well without the document) the ratio has no meaning, and
+    a negative gap would flip its sign, so it is not reported rather than reported misleadingly.
+    """
     gap = full_context - closed_book
-    if abs(gap) < 1e-12:
+    if gap <= 1e-12:
         return None
     return (system - closed_book) / gap
 
