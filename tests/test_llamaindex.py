@@ -99,9 +99,18 @@ def _spy_soft_prompts(llm):
     return seen
 
 
-@pytest.mark.parametrize("mode", ["compact", "refine", "tree_summarize", "simple_summarize"])
-def test_every_retrieved_soft_prompt_is_delivered_exactly_once(compressor, embed_model, mode):
+@pytest.fixture(scope="module")
+def built_index(embed_model):
+    from tiny_models import tiny_backbone
+
+    compressor = ICAECompressor(tiny_backbone(), ICAEConfig(n_slots=8, segment_length=32, pooling="mean", lora_r=4, lora_alpha=8))
     index, store = build_index(DOCS, compressor, embed_model=embed_model)
+    return compressor, index, store
+
+
+@pytest.mark.parametrize("mode", ["compact", "refine", "tree_summarize", "simple_summarize"])
+def test_every_retrieved_soft_prompt_is_delivered_exactly_once(built_index, mode):
+    compressor, index, store = built_index
     # A small window forces compact/refine/tree_summarize to spread chunks over several calls.
     window = 260 if mode != "simple_summarize" else 1024
     llm = LLoCOLLM(compressor, store, max_new_tokens=2, context_window=window)
