@@ -173,3 +173,15 @@ def test_export_round_trip(tmp_path, tokenizer, windows):
         with loaded.backbone.using("lloco_reader") as m2:
             lb = m2(input_ids=ids).logits
     assert torch.allclose(a, b) and torch.allclose(la, lb)
+
+
+def test_reader_and_encoder_both_train_with_teacher_passes(tmp_path, tokenizer, windows):
+    # The KL objective runs the plain base model (adapters disabled) inside a training step; that must not
+    # freeze the reader or the encoder adapter (peft re-enables only the last active adapter).
+    result = pretrain(config(tmp_path, objectives={"kl": 1.0}, steps=2, checkpoint_every=0),
+                      backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
+    state = trainable_state(result.compressor)
+    reader_b = [v for k, v in state.items() if k.startswith("reader.") and "lora_B" in k]
+    encoder_b = [v for k, v in state.items() if k.startswith("lora.") and "lora_B" in k]
+    assert reader_b and any(float(v.abs().max()) > 0 for v in reader_b)
+    assert encoder_b and any(float(v.abs().max()) > 0 for v in encoder_b)

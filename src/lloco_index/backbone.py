@@ -138,13 +138,19 @@ class Backbone:
                     raise KeyError(f"Adapter '{adapter}' is not loaded (no adapters are). Load it with load_adapter().")
                 yield self.base_model
                 return
+            grads = {n: p.requires_grad for n, p in self.peft_model.named_parameters()}
             if adapter is None:
-                with self.peft_model.disable_adapter():
-                    yield self.base_model
+                # peft's disable_adapter() re-enables on exit through set_adapter(), which freezes every
+                # adapter but the last active one: restore trainability afterwards too.
+                try:
+                    with self.peft_model.disable_adapter():
+                        yield self.base_model
+                finally:
+                    for n, p in self.peft_model.named_parameters():
+                        p.requires_grad_(grads[n])
                 return
             if not self.has_adapter(adapter):
                 raise KeyError(f"Adapter '{adapter}' is not loaded; loaded adapters: {self.adapter_names}.")
-            grads = {n: p.requires_grad for n, p in self.peft_model.named_parameters()}
             self.peft_model.base_model.set_adapter(adapter)
             for n, p in self.peft_model.named_parameters():
                 p.requires_grad_(grads[n])

@@ -391,9 +391,15 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     config = PretrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
     config.init_projection = "identity"
     config.init_from = None
+    model_state = dict(state["model"])
+    reader_b = [v for k, v in model_state.items() if k.startswith("reader.") and "lora_B" in k]
+    if reader_b and all(float(v.abs().max()) == 0 for v in reader_b):
+        # LoRA B still zero: the reader never trained and is the identity. Ship none rather than a no-op.
+        config.reader = False
+        model_state = {k: v for k, v in model_state.items() if not k.startswith("reader.")}
     backbone = backbone or Backbone.load(config.decoder)
     compressor = build_compressor(config, backbone)
-    load_trainable_state(compressor, state["model"])
+    load_trainable_state(compressor, model_state)
     compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(int(state["step"]) - 1, 0), config.n_slots)
     compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": int(state["step"]),
                                             "objectives": config.objectives}, **(notes or {})}
