@@ -82,6 +82,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--export", default=None, metavar="RUN_DIR", help="export RUN_DIR's newest checkpoint to --out")
     g.add_argument("--out", default=None, help="output compressor directory for --export")
     g.add_argument("--export-step", type=int, default=None, help="checkpoint step to export (default: newest)")
+    g.add_argument("--notes", default=None, help="markdown file appended to the exported MODEL_CARD.md")
     # Remember the defaults so that a --config file is overridden only by flags given explicitly.
     parser.set_defaults(_pretrain_defaults={a.dest: a.default for a in parser._actions})
 
@@ -172,11 +173,17 @@ def _export(args: argparse.Namespace) -> int:
     compressor.config.extra["eval"] = metrics
     atomic_write_bytes(Path(args.out) / defaults.COMPRESSOR_CONFIG_NAME, compressor.config.to_json().encode())
     times = [r["time"] for r in state.get("history", []) if "time" in r]
-    card = write_model_card(args.out, args.export, base_model=backbone.identity, config=state["config"],
+    card_config = {**state["config"], "reader": compressor.reader_adapter is not None}  # as shipped
+    card = write_model_card(args.out, args.export, base_model=backbone.identity, config=card_config,
                             final_eval=metrics, step=step, command="lloco-index pretrain " + " ".join(sys.argv[1:]),
-                            wall_hours=(times[-1] - times[0]) / 3600 if len(times) > 1 else None)
+                            wall_hours=(times[-1] - times[0]) / 3600 if len(times) > 1 else None,
+                            extra_notes=_read_notes(args.notes))
     print(f"wrote {card}")
     return 0
+
+
+def _read_notes(path: Optional[str]) -> str:
+    return open(path).read() if path else ""
 
 
 def _eval_only(args: argparse.Namespace) -> int:
