@@ -287,3 +287,35 @@ def test_adapter_selection_changes_output(backbone, tmp_path):
     assert not torch.allclose(base, tuned) and torch.equal(base, again)
     with pytest.raises(KeyError, match="not loaded"):
         reader.generate(msgs, adapter="missing")
+
+
+def test_huge_input_is_flushed_in_parts_and_resumes(backbone, tmp_path, monkeypatch):
+    """A corpus too big for one batch is written shard by shard; a crash keeps what was flushed."""
+    comp = CountingCompressor(small_icae(backbone))
+    store = SoftPromptStore.open(tmp_path, comp)
+    texts = [f"chunk number {i} of a very long document." for i in range(10)]
+    real = comp.inner.compress
+    calls = {"n": 0}
+
+    def flaky(batch, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("out of memory in the third part")
+        return real(batch, **kwargs)
+
+    monkeypatch.setattr(comp.inner, "compress", flaky)
+    with pytest.raises(MemoryError):
+        store.add(texts, comp, flush_every=4)
+    assert len(SoftPromptStore.open(tmp_path, comp)) == 8  # two parts of 4 survived
+    monkeypatch.setattr(comp.inner, "compress", real)
+    comp.calls.clear()
+    SoftPromptStore.open(tmp_path, comp).add(texts, comp, flush_every=4)
+    assert comp.calls == texts[8:]  # resumed: only the missing chunks were compressed
+
+
+def test_missing_model_directory_is_a_clear_error(tmp_path):
+    from lloco_index.errors import ModelNotFoundError
+    from lloco_index.models import load_decoder
+
+    with pytest.raises(ModelNotFoundError, match="config.json missing"):
+        load_decoder(tmp_path / "no-such-model")
