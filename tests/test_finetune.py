@@ -355,3 +355,40 @@ def test_cli_finetune(tmp_path, qa_file):
     assert main(argv) == 0
     meta = read_adapter_metadata(out)
     assert meta["compressor_fingerprint"] == compressor.fingerprint and meta["metrics"]["finished"]
+
+
+def test_starts_from_the_compressors_reader_adapter(tmp_path):
+    """With a compressor that ships a reader adapter, the new adapter starts as a copy of it (same LoRA shape)."""
+    from peft import LoraConfig
+
+    from lloco_index.compressors import ICAECompressor, ICAEConfig
+    from lloco_index.finetune import LoRAFinetuner
+    from lloco_index.generation import SoftPromptReader
+    from lloco_index.placeholders import make_placeholder
+    from lloco_index.store import SoftPromptStore
+
+    backbone = tiny_backbone()
+    compressor = ICAECompressor(backbone, ICAEConfig(n_slots=4, segment_length=SEGMENT, pooling="mean", lora_r=4, lora_alpha=8))
+    backbone.add_adapter("lloco_reader", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a "trained" reader: non-zero B matrices
+        for name, p in backbone.peft_model.named_parameters():
+            if ".lloco_reader." in name:
+                p.normal_(0, 0.05)
+    assert compressor.reader_adapter == "lloco_reader"
+    store = SoftPromptStore.for_compressor(compressor)
+    [pid] = store.add([FACTS[0][1]], compressor)
+    example = TrainExample([{"role": "user", "content": f"Context: {make_placeholder(pid)}\nWho kept the lighthouse?"}],
+                           "Ada Quill", id="q0")
+    finetuner = LoRAFinetuner(SoftPromptReader(backbone, store, compressor=compressor), [example],
+                              adapter_name="domain", output_dir=tmp_path / "a", config=fast_config(epochs=1), progress=False)
+    finetuner._setup_adapter()
+    reader = {k: v.clone() for k, v in backbone.adapter_state_dict("lloco_reader").items()}
+    copied = finetuner.adapter_state()
+    assert copied.keys() == reader.keys() and all(torch.equal(copied[k], reader[k]) for k in reader)
+    assert finetuner.evaluate_loss([example]) == pytest.approx(finetuner.evaluate_loss([example], adapter="lloco_reader"))
+    finetuner.train()
+    meta = read_adapter_metadata(tmp_path / "a")
+    assert meta["init_from"] == "reader:lloco_reader" and meta["compressor_fingerprint"] == compressor.fingerprint
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
+    # The reader adapter itself is untouched by training.
+    assert all(torch.equal(reader[k], backbone.adapter_state_dict("lloco_reader")[k]) for k in reader)

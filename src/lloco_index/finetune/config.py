@@ -9,7 +9,9 @@ Why these defaults (LLoCO used r=8, alpha=16, lr 2e-5, 3 epochs on q/k/v/o for L
   of 30 layers is 1.84M parameters (1.4% of the model, a 7.4 MB float32 adapter).
 * **lr 2e-4**: LoRA learning rates that work grow as models shrink (the LoRA update is scaled by alpha/r and
   a small model's activations are not spread over thousands of dimensions); 2e-5, right for 7B, barely moves
-  a 135M model in a few hundred steps. ``lloco_index.finetune.benchmark --lr-sweep`` measures the choice.
+  a 135M model in a few hundred steps. Measured with these defaults (``python -m lloco_index.finetune.benchmark``,
+  161 SQuAD training questions, identity compressor): validation answer loss 3.89 -> 1.72 nats/token by step 20
+  of 42, early stop at step 40. No learning-rate sweep has been run yet.
 * **3 epochs, cosine decay after a 5% warmup, 8 examples per optimizer step** (micro-batch 1 x accumulation
   8: the examples are 200-1,500 positions long and a 2-core CPU gains nothing from padding them together),
   weight decay 0, gradient clipping at 1.0, LoRA dropout 0.05.
