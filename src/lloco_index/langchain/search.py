@@ -364,7 +364,9 @@ class ChunkIndex:
             if self._faiss is None:
                 index = faiss.IndexFlatIP(self._embeddings.shape[1])  # inner product of unit vectors = cosine
                 index.add(self._embeddings)
-                self._faiss = index
+                from ..gpu import to_gpu_if_available
+
+                self._faiss = to_gpu_if_available(index)  # in memory only (rebuilt from the embeddings): GPU is safe here
             return self._faiss
 
     def search(self, query: str, k: int = defaults.DEFAULT_TOP_K, *, position_budget: Optional[int] = defaults.DEFAULT_POSITION_BUDGET,
