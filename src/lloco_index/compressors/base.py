@@ -107,6 +107,9 @@ class BaseCompressor:
         self._backbone = backbone
         self.config = config
         self.config.mode = self.mode
+        # The fingerprint hashes the config: record the decoder now, not first at save time, so a
+        # compressor made in code and the same one reloaded from disk have the same fingerprint.
+        self.config.base_model = backbone.identity
         self._fingerprint: Optional[str] = None
 
     # ------------------------------------------------------------- protocol

@@ -63,8 +63,8 @@ def list_checkpoints(run_dir: Union[str, Path]) -> list[Path]:
 
 
 def load_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
-    # weights_only=False: the file holds RNG tuples and config dicts that this code wrote itself.
-    return torch.load(str(path), map_location="cpu", weights_only=False)
+    # weights_only=True: never unpickle code, even from our own files (RNG tuples, dicts and tensors load as data).
+    return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def latest_checkpoint(run_dir: Union[str, Path]) -> Optional[tuple[Path, dict[str, Any]]]:
