@@ -46,6 +46,8 @@ def main(argv=None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="queries per length and system (median reported)")
     parser.add_argument("--out-dir", default="docs/benchmarks")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows already in scaling.jsonl (same compressor) and measure only new lengths")
     args = parser.parse_args(argv)
 
     backbone = Backbone.load()
@@ -57,6 +59,12 @@ def main(argv=None) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    previous = out_dir / "scaling.jsonl"
+    if args.append and previous.is_file():
+        old = [json.loads(line) for line in previous.read_text().splitlines() if line.strip()]
+        if old and old[0].get("fingerprint") == entry.fingerprint:
+            rows = [r for r in old if r.get("type") != "run"]
+    done = {r["length"] for r in rows if r["system"] == "soft_prompts"}
     plain = SoftPromptReader(backbone, None, adapter=None, max_new_tokens=args.max_new_tokens)
     window = backbone.context_window
     print(f"compressor {entry.label} ({entry.fingerprint}): {entry.note}; window {window}")
@@ -65,6 +73,8 @@ def main(argv=None) -> None:
     for ex in bench.examples:
         doc = bench.documents[ex.document_id]
         length = ex.metadata["length"]
+        if length in done:
+            continue
         # Full context: only where it fits (the reader refuses a prompt past the window).
         fits = plain.count_positions(plain.render(build_messages(ex, doc.text))) + args.max_new_tokens <= window
         if fits:
