@@ -282,6 +282,10 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     history: list[dict[str, Any]] = []
     step = 0
     found = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and found is None and ckpt.list_checkpoints(run_dir):
+        # Never silently restart from scratch over a run whose checkpoints exist but do not load.
+        raise RuntimeError(f"{run_dir}: checkpoints exist but none loads; inspect them or pass resume=False "
+                           f"(--no-resume) to start over.")
     if found is not None:
         path, state = found
         load_trainable_state(compressor, state["model"])
