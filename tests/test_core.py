@@ -18,7 +18,7 @@ from lloco_index.errors import (
     UnknownPlaceholderError,
 )
 from lloco_index.generation import SoftPromptReader
-from lloco_index.models import autocast
+from lloco_index.models import generation_autocast
 from lloco_index.placeholders import SoftPromptRef, find_ids, make_placeholder, split_prompt
 from lloco_index.store import SoftPromptStore
 
@@ -240,7 +240,7 @@ def test_in_memory_store_persists(backbone, tmp_path):
 # ------------------------------------------------------------------------ reader
 def _greedy_plain(backbone, text, max_new_tokens):
     ids = backbone.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.inference_mode(), autocast():
+    with torch.inference_mode(), generation_autocast():
         out = backbone.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                            do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
     return backbone.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

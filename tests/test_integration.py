@@ -10,7 +10,7 @@ from llama_index.core import Document
 
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.llamaindex import LLoCOLLM, LLoCOQueryEngine, build_index, default_embed_model, load_index
-from lloco_index.models import autocast
+from lloco_index.models import generation_autocast
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ def squad_docs(data_dir):
 
 def _plain_greedy(backbone, ids: list[int], max_new_tokens: int) -> str:
     ids = torch.tensor([ids])
-    with torch.inference_mode(), autocast():
+    with torch.inference_mode(), generation_autocast():
         out = backbone.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                            max_new_tokens=max_new_tokens, pad_token_id=backbone.tokenizer.pad_token_id)
     return backbone.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -294,7 +294,7 @@ def test_empty_documents_are_skipped_with_a_warning_or_refused():
 def test_chain_on_smollm2_with_identity_compressor_equals_plain_model(smollm2, tmp_path):
     """Through the whole LangChain path, identity soft prompts give the plain model's greedy answer."""
     from lloco_index.compressors import TokenEmbeddingCompressor
-    from lloco_index.models import autocast
+    from lloco_index.models import generation_autocast
 
     compressor = TokenEmbeddingCompressor(smollm2)
     retriever = LLoCOLangChainRetriever.from_texts(CORPUS, compressor, tmp_path, METADATAS, k=2)
@@ -310,7 +310,7 @@ def test_chain_on_smollm2_with_identity_compressor_equals_plain_model(smollm2, t
     text = tokenizer.apply_chat_template(llm.to_reader_messages(prompt.to_messages()), tokenize=False,
                                          add_generation_prompt=True)
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    with torch.inference_mode(), autocast(smollm2.device):
+    with torch.inference_mode(), generation_autocast(smollm2.device):
         out = smollm2.base_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                           max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                           eos_token_id=tokenizer.eos_token_id)

@@ -19,7 +19,7 @@ import torch
 from . import defaults
 from .backbone import Backbone
 from .errors import ContextBudgetError
-from .models import autocast
+from .models import generation_autocast
 from .placeholders import SoftPromptRef, split_prompt
 from .store import SoftPromptStore
 
@@ -171,7 +171,7 @@ class SoftPromptReader:
         """Greedy answer to ``messages`` (new text only)."""
         start = time.perf_counter()
         prepared = self.prepare(messages, max_new_tokens=max_new_tokens)
-        with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, autocast(self.backbone.device):
+        with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, generation_autocast(self.backbone.device):
             out = model.generate(**self._generate_kwargs(prepared, max_new_tokens))
         # generate(inputs_embeds=...) returns only the new tokens.
         new = out[0]
@@ -205,7 +205,7 @@ class SoftPromptReader:
 
         def run() -> None:
             try:
-                with torch.inference_mode(), self.backbone.using(resolved) as model, autocast(self.backbone.device):
+                with torch.inference_mode(), self.backbone.using(resolved) as model, generation_autocast(self.backbone.device):
                     model.generate(**self._generate_kwargs(prepared, max_new_tokens), streamer=streamer)
             except BaseException as exc:  # surfaced in the caller's thread
                 errors.append(exc)
@@ -234,7 +234,7 @@ class SoftPromptReader:
         prepared = self.prepare(messages)
         table = self.backbone.embedding_table()
         scores = []
-        with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, autocast(self.backbone.device):
+        with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, generation_autocast(self.backbone.device):
             for option in options:
                 ids = torch.tensor(self.text_ids(option), device=table.weight.device)
                 embeds = torch.cat([prepared.inputs_embeds[0], table(ids)], 0).unsqueeze(0)

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..generation import PreparedPrompt, SoftPromptReader
-from ..models import autocast
+from ..models import generation_autocast
 from .datasets import LETTERS, Example
 
 SYSTEM_CLOSED_BOOK = "closed_book"
@@ -157,7 +157,7 @@ def timed_generate(reader: SoftPromptReader, messages: Sequence[dict], *, adapte
     clock = _FirstTokenClock()
     criteria = [clock] + ([_StopAtLineEnd(reader.backbone.tokenizer)] if stop_at_line_end else [])
     kwargs = reader._generate_kwargs(prepared, max_new_tokens)  # the reader's own greedy settings
-    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, autocast(reader.backbone.device):
+    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, generation_autocast(reader.backbone.device):
         out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(criteria))
     if reader.backbone.device.type == "cuda":
         torch.cuda.synchronize()
@@ -186,7 +186,7 @@ def score_options_cached(reader: SoftPromptReader, prepared: PreparedPrompt, opt
     """
     table = reader.backbone.embedding_table()
     scores: list[float] = []
-    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, autocast(reader.backbone.device):
+    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, generation_autocast(reader.backbone.device):
         # transformers 5 renamed past_key_values to cache (argument and output); accept both.
         cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         out = model(inputs_embeds=prepared.inputs_embeds, use_cache=True)

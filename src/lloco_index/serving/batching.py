@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from ..models import autocast
+from ..models import generation_autocast
 
 if TYPE_CHECKING:  # pragma: no cover - import cycle guard (generation imports this module lazily)
     from ..generation import GenerationResult, Message, PreparedPrompt, SoftPromptReader
@@ -102,7 +102,7 @@ def generate_prepared_batch(
     # generate() derives the same position ids from the left-padded mask (cumsum - 1) and extends them per
     # step; passing them explicitly is not portable across transformers 4.56-5.x (4.x would not extend them).
     criteria = StoppingCriteriaList([_PerRowLimit(embeds.shape[1], limits, embeds.device)])
-    with torch.inference_mode(), reader.backbone.using(adapter) as model, autocast(reader.backbone.device):
+    with torch.inference_mode(), reader.backbone.using(adapter) as model, generation_autocast(reader.backbone.device):
         out = model.generate(**kwargs, stopping_criteria=criteria)
     elapsed = time.perf_counter() - start
     eos = kwargs.get("eos_token_id") or []
