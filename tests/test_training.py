@@ -153,6 +153,21 @@ def test_eval_reports_control_lines(tmp_path, tokenizer, windows):
     assert 0.0 <= metrics["ae_acc"] <= 1.0
 
 
+def test_qa_eval_reports_reader_controls(tmp_path, tokenizer, windows):
+    from lloco_index.training.data import QAExample
+    from lloco_index.training.evaluate import evaluate_qa
+
+    result = pretrain(config(tmp_path, steps=1, checkpoint_every=0), backbone=tiny_backbone(tokenizer),
+                      windows=windows, progress=False)
+    qa = [QAExample(TEXT[:400], "Who led the Norse raiders?", ["Rollo"], "t")]
+    m = evaluate_qa(result.compressor, qa, reader_adapter=result.compressor.reader_adapter, max_new_tokens=4)
+    for name in ("soft", "full", "closed", "full_reader", "closed_reader"):
+        assert 0.0 <= m[f"qa_{name}_f1"] <= 1.0 and 0.0 <= m[f"qa_{name}_em"] <= 1.0, name
+    assert m["qa_n"] == 1.0
+    # Without a reader adapter the two reader controls would repeat the base-model lines: not reported.
+    assert "qa_closed_reader_f1" not in evaluate_qa(result.compressor, qa, reader_adapter=None, max_new_tokens=4)
+
+
 def test_export_round_trip(tmp_path, tokenizer, windows):
     from lloco_index.compressors.loading import load_compressor
     from lloco_index.training.pretrain import export_checkpoint

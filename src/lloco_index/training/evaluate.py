@@ -19,15 +19,13 @@ normalised score (soft - closed) / (full - closed).
 
 from __future__ import annotations
 
-import re
-import string
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from ..models import autocast
+from ..eval.metrics import exact_match, f1_score
+from ..models import generation_autocast
 from .data import QAExample, Window, load_documents, make_windows, tokenize_documents
 from .objectives import Example, PromptBuilder, build_decoder_batch, decoder_logits, per_example_scores
 
@@ -113,27 +111,9 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
 
 
 # ------------------------------------------------------------------------ QA
-def normalize_answer(text: str) -> str:
-    """SQuAD's official normalisation: lowercase, no punctuation, articles or extra spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
-
-
-def f1_score(prediction: str, reference: str) -> float:
-    p, r = normalize_answer(prediction).split(), normalize_answer(reference).split()
-    common = Counter(p) & Counter(r)
-    same = sum(common.values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(p), same / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
 def _generate(backbone, adapter: Optional[str], embeds: torch.Tensor, max_new_tokens: int) -> str:
     tok = backbone.tokenizer
-    with backbone.using(adapter) as model, autocast(embeds.device):
+    with backbone.using(adapter) as model, generation_autocast(embeds.device):
         out = model.generate(inputs_embeds=embeds.unsqueeze(0), attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long,
                              device=embeds.device), max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -143,7 +123,13 @@ def _generate(backbone, adapter: Optional[str], embeds: torch.Tensor, max_new_to
 @torch.no_grad()
 def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional[str] = None,
                 max_new_tokens: int = 24) -> dict[str, float]:
-    """Greedy answers with the soft prompt (reader adapter) vs full text vs closed book (base model)."""
+    """Greedy answers with the soft prompt vs full text vs closed book, same prompt template.
+
+    ``soft`` reads the soft prompt with the reader adapter; ``full`` and ``closed`` are the base model (the
+    issue's reference lines). With a reader adapter, ``full_reader`` and ``closed_reader`` repeat those two
+    with the adapter on: a reader trained on QA also answers better without context, and only the part of
+    ``soft`` above ``closed_reader`` comes from the soft prompt.
+    """
     backbone = compressor.backbone
     builder = PromptBuilder(backbone.tokenizer)
     table = backbone.embedding_table()
@@ -151,21 +137,22 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     def emb(ids):
         return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
 
-    scores = {k: {"em": 0.0, "f1": 0.0} for k in ("soft", "full", "closed")}
+    names = ("soft", "full", "closed") + (("full_reader", "closed_reader") if reader_adapter else ())
+    scores = {k: {"em": 0.0, "f1": 0.0} for k in names}
     for ex in qa:
         head, tail = builder.qa_pieces(ex.question)
         segment = backbone.tokenize(ex.context)[: compressor.segment_length]
         soft = compressor.encode([segment])[0].to(table.weight.dtype)
-        closed_ids, _ = builder.qa_pieces(ex.question, with_context=False)
-        inputs = {
-            "soft": (reader_adapter, torch.cat([emb(head), soft, emb(tail)])),
-            "full": (None, torch.cat([emb(head), emb(segment), emb(tail)])),
-            "closed": (None, emb(closed_ids)),
-        }
-        for name, (adapter, embeds) in inputs.items():
+        full = torch.cat([emb(head), emb(segment), emb(tail)])
+        closed = emb(builder.qa_pieces(ex.question, with_context=False)[0])
+        inputs = {"soft": (reader_adapter, torch.cat([emb(head), soft, emb(tail)])),
+                  "full": (None, full), "closed": (None, closed),
+                  "full_reader": (reader_adapter, full), "closed_reader": (reader_adapter, closed)}
+        for name in names:
+            adapter, embeds = inputs[name]
             answer = _generate(backbone, adapter, embeds, max_new_tokens)
-            scores[name]["em"] += max(float(normalize_answer(answer) == normalize_answer(r)) for r in ex.answers)
-            scores[name]["f1"] += max(f1_score(answer, r) for r in ex.answers)
+            scores[name]["em"] += exact_match(answer, ex.answers)
+            scores[name]["f1"] += f1_score(answer, ex.answers)
     n = max(len(qa), 1)
     out = {f"qa_{k}_{m}": v / n for k, d in scores.items() for m, v in d.items()}
     gap = out["qa_full_f1"] - out["qa_closed_f1"]
