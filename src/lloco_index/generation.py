@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -154,7 +154,11 @@ class SoftPromptReader:
         return prepared
 
     # ----------------------------------------------------------- generation
-    def _generate_kwargs(self, prepared: PreparedPrompt, max_new_tokens: Optional[int], stop_ids=None) -> dict:
+    def generate_kwargs(self, prepared: PreparedPrompt, max_new_tokens: Optional[int] = None) -> dict:
+        """Keyword arguments for ``model.generate`` on ``prepared``: greedy, the tokenizer's EOS and pad ids.
+
+        Callers that drive ``generate`` themselves (batching) start from these and override what they need.
+        """
         tok = self.backbone.tokenizer
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         return dict(
@@ -171,8 +175,28 @@ class SoftPromptReader:
         """Greedy answer to ``messages`` (new text only)."""
         start = time.perf_counter()
         prepared = self.prepare(messages, max_new_tokens=max_new_tokens)
+        result = self.generate_prepared(prepared, adapter=adapter, max_new_tokens=max_new_tokens)
+        result.total_s = time.perf_counter() - start
+        return result
+
+    def generate_prepared(self, prepared: PreparedPrompt, *, adapter: Optional[str] = AUTO,
+                          max_new_tokens: Optional[int] = None,
+                          stopping_criteria: Optional[Sequence[Callable[..., torch.Tensor]]] = None) -> GenerationResult:
+        """Greedy answer to an already :meth:`prepare`-d prompt, always with the HF decoder.
+
+        ``stopping_criteria`` are transformers ``StoppingCriteria`` callables
+        ``(input_ids, scores) -> bool tensor per row``, checked after every new
+        token besides EOS and ``max_new_tokens`` (e.g. a clock that notes the
+        first token, or a stop at the first line break).
+        """
+        start = time.perf_counter()
+        kwargs = self.generate_kwargs(prepared, max_new_tokens)
+        if stopping_criteria:
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList(list(stopping_criteria))
         with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, generation_autocast(self.backbone.device):
-            out = model.generate(**self._generate_kwargs(prepared, max_new_tokens))
+            out = model.generate(**kwargs)
         # generate(inputs_embeds=...) returns only the new tokens.
         new = out[0]
         text = self.backbone.tokenizer.decode(new, skip_special_tokens=True)
@@ -206,7 +230,7 @@ class SoftPromptReader:
         def run() -> None:
             try:
                 with torch.inference_mode(), self.backbone.using(resolved) as model, generation_autocast(self.backbone.device):
-                    model.generate(**self._generate_kwargs(prepared, max_new_tokens), streamer=streamer)
+                    model.generate(**self.generate_kwargs(prepared, max_new_tokens), streamer=streamer)
             except BaseException as exc:  # surfaced in the caller's thread
                 errors.append(exc)
                 streamer.end()

@@ -149,28 +149,22 @@ def timed_generate(reader: SoftPromptReader, messages: Sequence[dict], *, adapte
 
     ``stop_at_line_end`` ends the answer at its first line break (short-answer tasks).
     """
-    from transformers import StoppingCriteriaList
-
     start = time.perf_counter()
     prepared = reader.prepare(messages, max_new_tokens=max_new_tokens)
     assembled = time.perf_counter()
     clock = _FirstTokenClock()
     criteria = [clock] + ([_StopAtLineEnd(reader.backbone.tokenizer)] if stop_at_line_end else [])
-    kwargs = reader._generate_kwargs(prepared, max_new_tokens)  # the reader's own greedy settings
-    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, generation_autocast(reader.backbone.device):
-        out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(criteria))
+    result = reader.generate_prepared(prepared, adapter=adapter, max_new_tokens=max_new_tokens, stopping_criteria=criteria)
     if reader.backbone.device.type == "cuda":
         torch.cuda.synchronize()
     done = time.perf_counter()
     first = clock.first or done
-    new = out[0]
-    text = reader.backbone.tokenizer.decode(new, skip_special_tokens=True).strip()
     return {
-        "prediction": text,
+        "prediction": result.text,
         "positions": prepared.positions,
         "text_positions": prepared.text_positions,
         "soft_positions": prepared.soft_positions,
-        "new_tokens": int(new.shape[0]),
+        "new_tokens": result.new_tokens,
         "assemble_s": assembled - start,
         "prefill_s": first - assembled,
         "decode_s": done - first,

@@ -97,7 +97,7 @@ def generate_prepared_batch(
     start = time.perf_counter()
     limits = [int(n) for n in max_new_tokens]
     embeds, mask, positions = left_pad(prepared)
-    kwargs = reader._generate_kwargs(prepared[0], max(limits))  # the reader's own greedy/eos/pad settings
+    kwargs = reader.generate_kwargs(prepared[0], max(limits))  # the reader's own greedy/eos/pad settings
     kwargs.update(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max(limits))
     # generate() derives the same position ids from the left-padded mask (cumsum - 1) and extends them per
     # step; passing them explicitly is not portable across transformers 4.56-5.x (4.x would not extend them).
