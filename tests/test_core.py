@@ -270,6 +270,26 @@ def test_reader_errors(backbone, tmp_path):
         reader.generate([{"role": "user", "content": "word " * 3000}])
 
 
+def test_option_scores_read_the_prompt_once_with_the_same_numbers(backbone):
+    """The KV-cached scorer gives what a full forward pass over prompt + option gives, option by option."""
+    reader = SoftPromptReader(backbone, None, adapter=None)
+    messages = [{"role": "user", "content": "Which colour is the sky? (A) blue (B) red"}]
+    options = ["(A) blue", "(B) red", "(C) a much longer option text"]
+    prepared = reader.prepare(messages)
+    table = backbone.embedding_table()
+    expected = []
+    with torch.inference_mode(), backbone.using(None) as model, generation_autocast(backbone.device):
+        for option in options:  # the uncached reference: re-read the whole prompt for every option
+            ids = torch.tensor(reader.text_ids(option))
+            embeds = torch.cat([prepared.inputs_embeds[0], table(ids)], 0).unsqueeze(0)
+            logits = model(inputs_embeds=embeds).logits[0, prepared.positions - 1 : -1].float()
+            expected.append(float(torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).mean()))
+    cached = reader.score_prepared_options(prepared, options, adapter=None)
+    assert cached == pytest.approx(expected, abs=1e-4)
+    assert reader.score_options(messages, options, adapter=None) == pytest.approx(cached, abs=1e-6)
+    assert reader.score_prepared_options(prepared, ["(A) blue", ""], adapter=None)[1] == float("-inf")
+
+
 def test_adapter_selection_changes_output(backbone, tmp_path):
     from peft import LoraConfig
 

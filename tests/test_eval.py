@@ -4,7 +4,6 @@ smoke run on a tiny random LLaMA (seconds). Nothing here is timed."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -237,16 +236,3 @@ def test_quick_suite_smoke_on_tiny_model(tmp_path, tiny_backbone, monkeypatch):
     assert sum(1 for r in read_records(again["results"]) if r["type"] == "question") == len(questions)
 
 
-def test_option_scores_match_reader(tiny_backbone):
-    """The cached option scorer computes the same numbers as SoftPromptReader.score_options."""
-    from lloco_index.eval.systems import score_options_cached
-    from lloco_index.generation import SoftPromptReader
-
-    reader = SoftPromptReader(tiny_backbone, None, adapter=None)
-    messages = [{"role": "user", "content": "Which colour is the sky? (A) blue (B) red"}]
-    options = ["(A) blue", "(B) red", "(C) a much longer option text"]
-    prepared = reader.prepare(messages)
-    cached = score_options_cached(reader, prepared, options, adapter=None)
-    plain = reader.score_options(messages, options, adapter=None)
-    assert cached == pytest.approx(plain, abs=2e-2)  # bf16 autocast: same up to rounding
-    assert all(math.isfinite(s) for s in cached)

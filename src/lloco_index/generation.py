@@ -9,6 +9,7 @@ stood, and generates from ``inputs_embeds`` with the selected LoRA adapter.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -254,15 +255,36 @@ class SoftPromptReader:
             raise errors[0]
 
     def score_options(self, messages: Sequence[Message], options: Sequence[str], *, adapter: Optional[str] = AUTO) -> list[float]:
-        """Mean log-likelihood of each option as the assistant's answer (multiple-choice scoring)."""
-        prepared = self.prepare(messages)
+        """Mean log-likelihood of each option as the assistant's answer (multiple-choice scoring).
+
+        >>> reader.score_options([{"role": "user", "content": "Sky colour? (A) blue (B) red"}], ["(A) blue", "(B) red"])
+        """
+        return self.score_prepared_options(self.prepare(messages), options, adapter=adapter)
+
+    def score_prepared_options(self, prepared: PreparedPrompt, options: Sequence[str], *,
+                               adapter: Optional[str] = AUTO) -> list[float]:
+        """:meth:`score_options` for an already prepared prompt, which is read once.
+
+        The prompt's KV cache is computed once and cropped back after each
+        option, so a long context costs one prefill, not one per option. An
+        option with no tokens scores ``-inf``.
+        """
         table = self.backbone.embedding_table()
-        scores = []
+        scores: list[float] = []
         with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, generation_autocast(self.backbone.device):
+            # transformers 5 renamed past_key_values to cache (argument and output); accept both.
+            cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            out = model(inputs_embeds=prepared.inputs_embeds, use_cache=True)
+            cache = getattr(out, "cache", None) or out.past_key_values
+            last_logits = out.logits[0, -1].float()
             for option in options:
-                ids = torch.tensor(self.text_ids(option), device=table.weight.device)
-                embeds = torch.cat([prepared.inputs_embeds[0], table(ids)], 0).unsqueeze(0)
-                logits = model(inputs_embeds=embeds).logits[0, prepared.positions - 1 : -1].float()
+                ids = torch.tensor(self.text_ids(option), dtype=torch.long, device=table.weight.device)
+                if ids.numel() == 0:
+                    scores.append(float("-inf"))
+                    continue
+                step = model(inputs_embeds=table(ids).unsqueeze(0), use_cache=True, **{cache_arg: cache})
+                logits = torch.cat([last_logits.unsqueeze(0), step.logits[0, :-1].float()], 0)
                 logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
                 scores.append(float(logp.mean()))
+                cache.crop(-len(ids))  # back to the prompt alone for the next option
         return scores

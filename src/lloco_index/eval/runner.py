@@ -35,7 +35,7 @@ from .peers import LLMLinguaPeer, PeerUnavailable
 from .retrieval import ChunkIndex, load_embedder
 from .systems import (
     BASE_SYSTEMS, CHUNK_SEPARATOR, SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_LLMLINGUA, SYSTEM_LLOCO, SYSTEM_RAG,
-    PeakRSS, build_messages, option_texts, plan_full_context, score_options_cached, timed_generate,
+    PeakRSS, build_messages, option_texts, plan_full_context, timed_generate,
 )
 
 logger = logging.getLogger(__name__)
@@ -472,7 +472,7 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
     option_scores = None
     if ex.options:
         start = time.perf_counter()
-        option_scores = score_options_cached(reader, prepared, option_texts(ex), adapter=adapter)
+        option_scores = reader.score_prepared_options(prepared, option_texts(ex), adapter=adapter)
         record["score_s"] = time.perf_counter() - start  # evaluation only, not part of the query latency
         record["option_scores"] = option_scores
     record["scores"] = score_prediction(ex.task, record["prediction"], answers=ex.answers, gold_letter=ex.gold_letter,

@@ -12,7 +12,6 @@ chunk text (text RAG), LLMLingua's compression of that text, or the chunks' soft
 
 from __future__ import annotations
 
-import inspect
 import os
 import threading
 import time
@@ -22,7 +21,6 @@ from typing import Optional, Sequence
 import torch
 
 from ..generation import PreparedPrompt, SoftPromptReader
-from ..models import generation_autocast
 from .datasets import LETTERS, Example
 
 SYSTEM_CLOSED_BOOK = "closed_book"
@@ -169,31 +167,6 @@ def timed_generate(reader: SoftPromptReader, messages: Sequence[dict], *, adapte
         "prefill_s": first - assembled,
         "decode_s": done - first,
     }, prepared
-
-
-def score_options_cached(reader: SoftPromptReader, prepared: PreparedPrompt, options: Sequence[str], *,
-                         adapter: Optional[str]) -> list[float]:
-    """Mean log-likelihood of each option as the answer, reading the prompt once.
-
-    Same quantity as ``SoftPromptReader.score_options`` but the prompt's KV cache is computed once
-    and cropped back after each option, so a 6k-token context costs one prefill, not four.
-    """
-    table = reader.backbone.embedding_table()
-    scores: list[float] = []
-    with torch.inference_mode(), reader.backbone.using(reader.resolve_adapter(adapter)) as model, generation_autocast(reader.backbone.device):
-        # transformers 5 renamed past_key_values to cache (argument and output); accept both.
-        cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        out = model(inputs_embeds=prepared.inputs_embeds, use_cache=True)
-        cache = getattr(out, "cache", None) or out.past_key_values
-        last_logits = out.logits[0, -1].float()
-        for option in options:
-            ids = torch.tensor(reader.text_ids(option), device=table.weight.device)
-            step = model(inputs_embeds=table(ids).unsqueeze(0), use_cache=True, **{cache_arg: cache})
-            logits = torch.cat([last_logits.unsqueeze(0), step.logits[0, :-1].float()], 0)
-            logp = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-            scores.append(float(logp.mean()))
-            cache.crop(-len(ids))  # back to the prompt alone for the next option
-    return scores
 
 
 @dataclass
