@@ -309,6 +309,21 @@ def test_adapter_selection_changes_output(backbone, tmp_path):
         reader.generate(msgs, adapter="missing")
 
 
+def test_delete_adapter_frees_the_name(backbone):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    backbone.add_adapter("keep", config)
+    backbone.add_adapter("drop", config)
+    backbone.delete_adapter("drop")
+    assert backbone.adapter_names == ["keep"]
+    assert not any(".drop." in n for n, _ in backbone.peft_model.named_parameters())
+    with pytest.raises(KeyError, match="not loaded"):
+        backbone.delete_adapter("drop")
+    backbone.add_adapter("drop", config)  # the name can be used again
+    assert set(backbone.adapter_names) == {"keep", "drop"}
+
+
 def test_huge_input_is_flushed_in_parts_and_resumes(backbone, tmp_path, monkeypatch):
     """A corpus too big for one batch is written shard by shard; a crash keeps what was flushed."""
     comp = CountingCompressor(small_icae(backbone))

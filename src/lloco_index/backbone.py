@@ -114,6 +114,13 @@ class Backbone:
             else:
                 self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable)
 
+    def delete_adapter(self, name: str) -> None:
+        """Remove the adapter ``name`` and free its weights (``KeyError`` when it is not loaded)."""
+        with self.lock:
+            if not self.has_adapter(name):
+                raise KeyError(f"Adapter '{name}' is not loaded; loaded adapters: {self.adapter_names}.")
+            self.peft_model.delete_adapter(name)
+
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 

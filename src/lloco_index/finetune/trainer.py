@@ -198,7 +198,7 @@ class LoRAFinetuner:
 
         backbone, name, cfg = self.backbone, self.adapter_name, self.config
         if backbone.has_adapter(name):  # a previous run in this process: start from scratch (or the checkpoint)
-            backbone.peft_model.delete_adapter(name)
+            backbone.delete_adapter(name)
         torch.manual_seed(cfg.seed)  # LoRA's A init, then dropout, draw from the global generator
         reader_name = getattr(self.compressor, "reader_adapter", None) if cfg.init_from_reader else None
         if reader_name:
