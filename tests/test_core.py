@@ -117,6 +117,55 @@ def tiny_backbone_like(backbone):
     return Backbone(tiny_llama(0), backbone.tokenizer, backbone.identity)
 
 
+def _perturb_lora(backbone, adapter):
+    with torch.no_grad():
+        for name, p in backbone.peft_model.named_parameters():
+            if f".{adapter}." in name and "lora_B" in name:
+                p.add_(0.05)
+
+
+def test_icae_compressors_on_one_backbone_keep_their_own_adapters(backbone, tmp_path):
+    import gc
+
+    from peft import LoraConfig
+
+    first, second = small_icae(backbone), small_icae(backbone, pooling="memory")
+    assert (first.encoder_adapter, first.reader_adapter_name) == ("lloco_compressor", "lloco_reader")
+    assert (second.encoder_adapter, second.reader_adapter_name) == ("lloco_enc_0002", "lloco_rdr_0002")
+    before = second.compress([TEXT])[0]
+    first_before = first.compress([TEXT])[0]
+    _perturb_lora(backbone, first.encoder_adapter)
+    first.invalidate_fingerprint()
+    assert not torch.allclose(first.compress([TEXT])[0], first_before)
+    assert torch.equal(second.compress([TEXT])[0], before)  # untouched by the first compressor's training
+
+    # A reader belongs to its compressor alone, and saved weights do not depend on the adapter names.
+    backbone.add_adapter(second.reader_adapter_name, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                                init_lora_weights=False))
+    _perturb_lora(backbone, second.encoder_adapter)
+    second.invalidate_fingerprint()
+    assert first.reader_adapter is None and second.reader_adapter == "lloco_rdr_0002"
+    first.save_pretrained(tmp_path / "first")
+    second.save_pretrained(tmp_path / "second")
+    for saved, directory in ((first, "first"), (second, "second")):
+        loaded = load_compressor(tmp_path / directory, backbone=tiny_backbone_like(backbone))
+        assert loaded.encoder_adapter == "lloco_compressor" and loaded.fingerprint == saved.fingerprint
+        torch.testing.assert_close(loaded.compress([TEXT])[0], saved.compress([TEXT])[0])
+    reloaded = load_compressor(tmp_path / "second", backbone=tiny_backbone_like(backbone))
+    assert reloaded.reader_adapter == "lloco_reader"
+    reader_weights = backbone.adapter_state_dict("lloco_rdr_0002")
+    for key, value in reloaded.backbone.adapter_state_dict("lloco_reader").items():
+        torch.testing.assert_close(value, reader_weights[key])
+
+    # The name of a compressor that is gone is reused, with fresh weights rather than the old ones.
+    fingerprint = first.fingerprint
+    del first, saved, loaded
+    gc.collect()
+    third = small_icae(backbone)
+    assert third.encoder_adapter == "lloco_compressor" and third.fingerprint != fingerprint
+    assert all(not v.any() for k, v in backbone.adapter_state_dict("lloco_compressor").items() if "lora_B" in k)
+
+
 def test_compressor_for_other_base_model_is_refused(backbone, tmp_path):
     from tiny_models import tiny_backbone
 
@@ -164,7 +213,8 @@ def test_store_content_hash_never_recomputes(backbone, tmp_path):
 
 
 def test_store_refuses_other_compressor(backbone, tmp_path):
-    SoftPromptStore.open(tmp_path, small_icae(backbone)).add(["x y"], small_icae(backbone))
+    comp = small_icae(backbone)
+    SoftPromptStore.open(tmp_path, comp).add(["x y"], comp)
     other = TokenEmbeddingCompressor(backbone)
     with pytest.raises(StoreMismatchError) as err:
         SoftPromptStore.open(tmp_path, other)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
@@ -36,6 +37,7 @@ class Backbone:
         self.identity = identity
         self.peft_model = None  # created on the first adapter
         self.lock = threading.RLock()
+        self._holders: dict[str, weakref.ref] = {}  # adapter name -> the live object that owns it
 
     @classmethod
     def load(cls, name_or_path: Optional[Union[str, Path]] = None, *, dtype: Optional[torch.dtype] = None,
@@ -120,6 +122,35 @@ class Backbone:
             if not self.has_adapter(name):
                 raise KeyError(f"Adapter '{name}' is not loaded; loaded adapters: {self.adapter_names}.")
             self.peft_model.delete_adapter(name)
+
+    def adapter_holder(self, name: str) -> Optional[object]:
+        """The live object that reserved adapter ``name`` with :meth:`reserve_adapter_name`, if any."""
+        with self.lock:
+            ref = self._holders.get(name)
+            return ref() if ref is not None else None
+
+    def reserve_adapter_name(self, holder: object, preferred: str, numbered: str) -> str:
+        """An adapter name for ``holder`` alone: ``preferred`` when free, else ``numbered.format(n)``, n = 2, 3, ...
+
+        A name is taken while another live object holds it, or while an adapter
+        nobody holds is loaded under it. A name whose holder no longer exists is
+        free again: the adapter it left behind is deleted, so ``holder`` starts
+        from fresh weights. The name is released when ``holder`` is garbage-collected.
+        """
+        with self.lock:
+            n = 1
+            while True:
+                name = preferred if n == 1 else numbered.format(n)
+                ref = self._holders.get(name)
+                if ref is not None and ref() is None:  # its holder is gone: reclaim the name
+                    del self._holders[name]
+                    if self.has_adapter(name):
+                        self.delete_adapter(name)
+                    ref = None
+                if ref is None and not self.has_adapter(name):
+                    self._holders[name] = weakref.ref(holder)
+                    return name
+                n += 1
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict

@@ -1,7 +1,7 @@
 """ICAE-style compressor (seed 001) and its window mean-pooling variant.
 
 The encoder is the decoder itself with its own LoRA adapter
-(``lloco_compressor``). Two ways to read a segment out of it:
+(``lloco_compressor``; see :attr:`ICAECompressor.encoder_adapter`). Two ways to read a segment out of it:
 
 * ``pooling="memory"``: ``n_slots`` learned memory-token embeddings are
   appended after the segment's tokens; the soft prompt is the last-layer
@@ -34,6 +34,10 @@ from .projection import SoftPromptProjection
 
 ENCODER_ADAPTER = "lloco_compressor"
 READER_ADAPTER = "lloco_reader"
+# Names for further compressors on the same backbone. They must not contain the first names: peft
+# before 0.21 picks an adapter's weights by substring, so "lloco_compressor" would match "lloco_compressor_2".
+ENCODER_ADAPTER_N = "lloco_enc_{:04d}"
+READER_ADAPTER_N = "lloco_rdr_{:04d}"
 READER_SUBDIR = "reader"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -68,6 +72,11 @@ class ICAECompressor(BaseCompressor):
     >>> backbone = Backbone.load()
     >>> compressor = ICAECompressor(backbone, ICAEConfig(n_slots=32, segment_length=256, pooling="mean"))
     >>> soft_prompts = compressor.compress(["chunk one ...", "chunk two ..."])
+
+    Each compressor has adapters of its own on the backbone: the first one made
+    on a backbone uses ``lloco_compressor`` (encoder) and ``lloco_reader``
+    (reader), further live ones ``lloco_enc_0002``/``lloco_rdr_0002`` and so on.
+    Saved weights do not record these names.
     """
 
     mode = "icae"
@@ -82,10 +91,13 @@ class ICAECompressor(BaseCompressor):
         super().__init__(backbone, config)
         from peft import LoraConfig
 
+        # Two compressors on one backbone must never share (and overwrite) each other's LoRA weights.
+        self.encoder_adapter = backbone.reserve_adapter_name(self, ENCODER_ADAPTER, ENCODER_ADAPTER_N)
+        self.reader_adapter_name = backbone.reserve_adapter_name(self, READER_ADAPTER, READER_ADAPTER_N)
         # With an early pool layer the later layers never run for the encoder: no LoRA there.
         layers = list(range(config.pool_layer)) if config.pool_layer is not None else None
         backbone.add_adapter(
-            ENCODER_ADAPTER,
+            self.encoder_adapter,
             LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.lora_targets,
                        layers_to_transform=layers),
         )
@@ -101,8 +113,11 @@ class ICAECompressor(BaseCompressor):
 
     @property
     def reader_adapter(self) -> Optional[str]:
-        """Name of the reader adapter the decoder should use with these soft prompts, if any."""
-        return READER_ADAPTER if self.backbone.has_adapter(READER_ADAPTER) else None
+        """Name of the reader adapter the decoder should use with these soft prompts, if any.
+
+        The adapter, once added, lives under :attr:`reader_adapter_name`.
+        """
+        return self.reader_adapter_name if self.backbone.has_adapter(self.reader_adapter_name) else None
 
     def _segment_positions(self, n_tokens: int) -> int:
         return self.n_slots if self.config.pooling == "memory" else math.ceil(n_tokens / self.window)
@@ -127,7 +142,7 @@ class ICAECompressor(BaseCompressor):
             mask = torch.tensor([[1] * n + [0] * (width - n) for n in lengths], device=device)
             inputs = emb(ids)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with self.backbone.using(ENCODER_ADAPTER) as model, autocast(device), _first_layers(model, self.config.pool_layer):
+        with self.backbone.using(self.encoder_adapter) as model, autocast(device), _first_layers(model, self.config.pool_layer):
             hidden = model.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
         if self.config.pooling == "memory":
             pooled = [h for h in hidden[:, -self.n_slots :]]
@@ -150,7 +165,7 @@ class ICAECompressor(BaseCompressor):
     # -------------------------------------------------------- persistence
     def weights(self) -> dict[str, torch.Tensor]:
         tensors = {f"head.{k}": v for k, v in self.head.state_dict().items()}
-        tensors.update({f"lora.{k}": v for k, v in self.backbone.adapter_state_dict(ENCODER_ADAPTER).items()})
+        tensors.update({f"lora.{k}": v for k, v in self.backbone.adapter_state_dict(self.encoder_adapter).items()})
         return tensors
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -158,7 +173,7 @@ class ICAECompressor(BaseCompressor):
         lora = {k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")}
         self.head.load_state_dict(head)
         if lora:
-            self.backbone.set_adapter_state_dict(ENCODER_ADAPTER, lora)
+            self.backbone.set_adapter_state_dict(self.encoder_adapter, lora)
         self.invalidate_fingerprint()
 
     def save_pretrained(self, directory) -> None:
@@ -166,14 +181,15 @@ class ICAECompressor(BaseCompressor):
         self.config.has_reader = self.reader_adapter is not None
         super().save_pretrained(directory)
         if self.config.has_reader:
-            self.backbone.peft_model.save_pretrained(str(directory / "_peft_tmp"), selected_adapters=[READER_ADAPTER])
-            _move_adapter_dir(directory / "_peft_tmp", READER_ADAPTER, directory / READER_SUBDIR)
+            name = self.reader_adapter_name
+            self.backbone.peft_model.save_pretrained(str(directory / "_peft_tmp"), selected_adapters=[name])
+            _move_adapter_dir(directory / "_peft_tmp", name, directory / READER_SUBDIR)
 
     @classmethod
     def _from_directory(cls, directory: Path, backbone: Backbone, config_dict: dict) -> "ICAECompressor":
         compressor = super()._from_directory(directory, backbone, config_dict)
         if compressor.config.has_reader and (directory / READER_SUBDIR).is_dir():
-            backbone.load_adapter(directory / READER_SUBDIR, READER_ADAPTER)
+            backbone.load_adapter(directory / READER_SUBDIR, compressor.reader_adapter_name)
         return compressor
 
 

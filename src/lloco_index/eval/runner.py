@@ -109,14 +109,12 @@ def resolve_compressors(specs: Sequence[str], backbone: Backbone) -> list[Compre
     from ..compressors import ICAECompressor, ICAEConfig, TokenEmbeddingCompressor, load_compressor
 
     entries: list[CompressorEntry] = []
-    icae_seen = False
     for spec in specs:
         if spec == "token_embedding":
             entries.append(CompressorEntry("token_embedding", TokenEmbeddingCompressor(backbone),
                                            "identity reference: soft prompt = the chunk's own token embeddings (1x)"))
             continue
         if spec == "icae-untrained":
-            comp_cls = ICAECompressor
             torch.manual_seed(0)  # reproducible fingerprint, so a resumed run finds its own results
             compressor = ICAECompressor(backbone, ICAEConfig())
             note = "UNTRAINED ICAE (random memory tokens, zero LoRA): a control; its answers are meaningless"
@@ -124,14 +122,8 @@ def resolve_compressors(specs: Sequence[str], backbone: Backbone) -> list[Compre
         else:
             directory = defaults.default_compressor_dir() if spec == "default" else Path(spec)
             compressor = load_compressor(directory, backbone=backbone)
-            comp_cls = type(compressor)
             note = f"loaded from {directory}"
             label = f"{compressor.config.mode}:{directory.name}"
-        if comp_cls is ICAECompressor:
-            # Every ICAE compressor uses the backbone's one 'lloco_compressor' adapter: two would share weights.
-            if icae_seen:
-                raise ValueError("Only one ICAE compressor per run: they share the backbone's encoder adapter.")
-            icae_seen = True
         entries.append(CompressorEntry(label, compressor, note))
     return entries
 

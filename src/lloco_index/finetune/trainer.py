@@ -150,8 +150,10 @@ class LoRAFinetuner:
         self.output_dir = Path(output_dir)
         self.progress = progress
         self.extra_metadata = dict(extra_metadata or {})
-        reserved = {"lloco_compressor", getattr(self.compressor, "reader_adapter", None)}
-        if adapter_name in reserved:
+        c = self.compressor
+        reserved = {"lloco_compressor", getattr(c, "encoder_adapter", None), getattr(c, "reader_adapter_name", None),
+                    getattr(c, "reader_adapter", None)}
+        if adapter_name in reserved or self.backbone.adapter_holder(adapter_name) is not None:
             raise ValueError(f"Adapter name '{adapter_name}' is taken by the compressor; choose another name.")
         self.train_examples = self._fit(list(train), "train")
         self.val_examples = self._fit(list(val), "validation")
