@@ -2,7 +2,7 @@
 
 Documents are cut into token-exact chunks of the compressor's segment length (so a chunk is one
 soft-prompt segment), embedded with the local all-MiniLM-L6-v2, and searched with faiss inner
-product over normalised vectors. Retrieved chunks are returned in document order, as
+product over normalised vectors (:mod:`lloco_index.vectors`, as the LangChain index does). Retrieved chunks are returned in document order, as
 LLoCORetriever does, so text and soft prompts arrive in the same order.
 
 >>> embedder = load_embedder()
@@ -14,18 +14,14 @@ LLoCORetriever does, so text and soft prompts arrive in the same order.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
-import numpy as np
+from ..vectors import DenseIndex, Embedder, as_embedder
 
 
 def load_embedder(path: Optional[str] = None):
-    """The packaged sentence-transformers model (no download)."""
-    from sentence_transformers import SentenceTransformer
-
-    from ..models import default_embedder_path
-
-    return SentenceTransformer(path or default_embedder_path(), device="cpu")
+    """The packaged sentence-transformers model (no download; one copy per process, shared with the LangChain index)."""
+    return Embedder(path).model
 
 
 def chunk_by_tokens(text: str, tokenizer, chunk_tokens: int) -> list[str]:
@@ -52,27 +48,25 @@ def chunk_by_tokens(text: str, tokenizer, chunk_tokens: int) -> list[str]:
 
 @dataclass
 class ChunkIndex:
+    """One document's chunks and their :class:`~lloco_index.vectors.DenseIndex` (built per document, in memory)."""
+
     chunks: list[str]
-    index: object  # faiss.IndexFlatIP
-    embedder: object = field(repr=False)
+    index: DenseIndex
+    embedder: Embedder = field(repr=False)
     build_s: float = 0.0
 
     @classmethod
-    def build(cls, text: str, tokenizer, *, chunk_tokens: int, embedder) -> "ChunkIndex":
+    def build(cls, text: str, tokenizer, *, chunk_tokens: int, embedder: Any) -> "ChunkIndex":
+        """Chunk ``text`` and embed the chunks; ``embedder`` is anything :class:`~lloco_index.vectors.Embedder` takes."""
         import time
 
-        import faiss
-
         start = time.perf_counter()
+        embedder = as_embedder(embedder)
         chunks = chunk_by_tokens(text, tokenizer, chunk_tokens)
-        vectors = np.asarray(embedder.encode(chunks, normalize_embeddings=True, batch_size=32), dtype="float32")
-        index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
+        index = DenseIndex(embedder.embed_documents(chunks))
         return cls(chunks, index, embedder, time.perf_counter() - start)
 
     def search(self, query: str, top_k: int) -> list[int]:
         """The ``top_k`` most similar chunks, returned in document order."""
-        vector = np.asarray(self.embedder.encode([query], normalize_embeddings=True), dtype="float32")
-        k = min(top_k, len(self.chunks))
-        _, hits = self.index.search(vector, k)
-        return sorted(int(h) for h in hits[0] if h >= 0)
+        rows, _ = self.index.search(self.embedder.embed_query(query), top_k)
+        return sorted(rows)

@@ -1,4 +1,4 @@
-"""A small dense index over compressed chunks: sentence-transformers + faiss, no framework.
+"""A small dense index over compressed chunks: sentence-transformers + faiss (:mod:`lloco_index.vectors`), no framework.
 
 :class:`ChunkIndex` is what :class:`~lloco_index.langchain.LLoCOLangChainRetriever`
 searches. It keeps, for every chunk, the text (what the embedder sees and
@@ -42,6 +42,7 @@ from ..chunking import chunk_text
 from ..compressors.base import atomic_write_bytes
 from ..errors import CorruptStoreError, EmptyDocumentError, StoreMismatchError
 from ..store import SoftPromptStore
+from ..vectors import DenseIndex, Embedder, as_embedder
 from .. import manifest
 
 logger = logging.getLogger(__name__)
@@ -50,64 +51,6 @@ SUBDIR = "lloco_langchain"
 CHUNKS_FILE = "chunks.json"
 FORMAT_VERSION = 1
 OnEmpty = Literal["error", "warn", "skip"]
-
-
-# ------------------------------------------------------------------ embedders
-_EMBEDDER_CACHE: dict[str, Any] = {}
-_EMBEDDER_LOCK = threading.Lock()
-
-
-class Embedder:
-    """Texts -> L2-normalised float32 vectors, from whatever the caller has.
-
-    Accepts ``None`` (the shipped all-MiniLM-L6-v2, loaded once per process),
-    a local sentence-transformers directory, a ``SentenceTransformer``-like
-    object (``encode``) or a LangChain ``Embeddings`` (``embed_documents`` /
-    ``embed_query``).
-    """
-
-    def __init__(self, model: Any = None):
-        if model is None or isinstance(model, (str, Path)):
-            from ..models import default_embedder_path
-
-            path = str(model) if model is not None else default_embedder_path()
-            self.name = defaults.DEFAULT_EMBEDDER_NAME if model is None else f"local:{Path(path).name}"
-            self.model = _load_sentence_transformer(path)
-        else:
-            self.model = model
-            self.name = str(getattr(model, "model_name", None) or getattr(model, "model", None) or type(model).__name__)
-
-    def embed_documents(self, texts: Sequence[str], *, batch_size: int = 32, progress: bool = False) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, 0), dtype=np.float32)
-        if hasattr(self.model, "embed_documents"):
-            vectors = np.asarray(self.model.embed_documents(list(texts)), dtype=np.float32)
-        else:
-            vectors = np.asarray(self.model.encode(list(texts), batch_size=batch_size, show_progress_bar=progress,
-                                                   convert_to_numpy=True), dtype=np.float32)
-        return _normalise(vectors)
-
-    def embed_query(self, text: str) -> np.ndarray:
-        if hasattr(self.model, "embed_query"):
-            vector = np.asarray([self.model.embed_query(text)], dtype=np.float32)
-        else:
-            vector = np.asarray(self.model.encode([text], convert_to_numpy=True), dtype=np.float32)
-        return _normalise(vector)
-
-
-def _load_sentence_transformer(path: str) -> Any:
-    # One copy per process: constructing a retriever must not reload the model (~3 s).
-    with _EMBEDDER_LOCK:
-        if path not in _EMBEDDER_CACHE:
-            from sentence_transformers import SentenceTransformer
-
-            _EMBEDDER_CACHE[path] = SentenceTransformer(path, device="cpu")
-        return _EMBEDDER_CACHE[path]
-
-
-def _normalise(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 # -------------------------------------------------------------------- records
@@ -187,7 +130,7 @@ class ChunkIndex:
         self.persist_dir: Optional[Path] = Path(persist_dir) if persist_dir is not None else None
         self._embeddings = embeddings if embeddings is not None else np.zeros((0, 0), dtype=np.float32)
         self._embeddings_file: Optional[str] = None
-        self._faiss = None
+        self._dense: Optional[DenseIndex] = None
         self._lock = threading.RLock()
         self._keys = {(r.doc_id, r.chunk, r.soft_prompt_id) for r in self.records}
 
@@ -201,7 +144,7 @@ class ChunkIndex:
         if store is None:
             store = SoftPromptStore.open(persist_dir, compressor) if persist_dir is not None else SoftPromptStore.for_compressor(compressor)
         store.check_compressor(compressor)
-        return cls(store, compressor=compressor, embedder=_as_embedder(embedder), persist_dir=persist_dir)
+        return cls(store, compressor=compressor, embedder=as_embedder(embedder), persist_dir=persist_dir)
 
     @classmethod
     def load(cls, persist_dir: Union[str, Path], compressor: Any = None, *, embedder: Any = None) -> "ChunkIndex":
@@ -236,7 +179,7 @@ class ChunkIndex:
                 f"deleted. Run from_texts(..., persist_dir='{persist_dir}') again with the same documents; only the "
                 f"missing chunks are recompressed."
             )
-        emb = _as_embedder(embedder)
+        emb = as_embedder(embedder)
         if meta.get("embedder") != emb.name:
             raise StoreMismatchError(
                 f"{path} was embedded with '{meta.get('embedder')}', but the embedder given is '{emb.name}'. Pass the "
@@ -314,7 +257,7 @@ class ChunkIndex:
                 vectors = self.embedder.embed_documents([r.text for r in fresh], progress=progress)
                 self._embeddings = vectors if not self.records else np.concatenate([self._embeddings, vectors])
                 self.records.extend(fresh)
-                self._faiss = None
+                self._dense = None
                 self.persist()
         return prompt_ids
 
@@ -357,17 +300,12 @@ class ChunkIndex:
     def __len__(self) -> int:
         return len(self.records)
 
-    def _index(self):
-        import faiss
-
+    def _index(self) -> DenseIndex:
         with self._lock:
-            if self._faiss is None:
-                index = faiss.IndexFlatIP(self._embeddings.shape[1])  # inner product of unit vectors = cosine
-                index.add(self._embeddings)
-                from ..gpu import to_gpu_if_available
-
-                self._faiss = to_gpu_if_available(index)  # in memory only (rebuilt from the embeddings): GPU is safe here
-            return self._faiss
+            if self._dense is None:
+                # In memory only (rebuilt from the embeddings): a GPU copy is safe here.
+                self._dense = DenseIndex(self._embeddings, gpu=True)
+            return self._dense
 
     def search(self, query: str, k: int = defaults.DEFAULT_TOP_K, *, position_budget: Optional[int] = defaults.DEFAULT_POSITION_BUDGET,
                fetch_k: Optional[int] = None) -> list[SearchHit]:
@@ -379,16 +317,12 @@ class ChunkIndex:
         n = min(len(self.records), max(fetch_k or 0, 4 * k, k + 8))
         while True:
             # Fetch more than k: duplicates and chunks over budget are dropped after the search.
-            scores, rows = index.search(query_vector, n)
-            hits = [SearchHit(self.records[i], float(s)) for s, i in zip(scores[0], rows[0]) if i >= 0]
+            rows, scores = index.search(query_vector, n)
+            hits = [SearchHit(self.records[i], s) for i, s in zip(rows, scores)]
             selected = select_chunks(hits, k, position_budget)
             if len(selected) >= k or n >= len(self.records):
                 return selected
             n = min(len(self.records), 2 * n)
-
-
-def _as_embedder(embedder: Any) -> Embedder:
-    return embedder if isinstance(embedder, Embedder) else Embedder(embedder)
 
 
 def _check_json(metadata: dict, position: int) -> None:
