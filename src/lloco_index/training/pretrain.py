@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
-from ..compressors.icae import ENCODER_ADAPTER, READER_ADAPTER, ICAECompressor, ICAEConfig
+from ..compressors.icae import ICAECompressor, ICAEConfig
 from . import checkpoint as ckpt
 from .data import (
     TRAIN_SOURCES,
@@ -143,8 +143,8 @@ def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompress
                       lora_r=config.lora_r, lora_alpha=config.lora_alpha, pool_layer=config.pool_layer)
     compressor = ICAECompressor(backbone, icfg)
     if config.reader:
-        backbone.add_adapter(READER_ADAPTER, LoraConfig(r=config.reader_r, lora_alpha=config.reader_alpha,
-                                                        lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
+        backbone.add_adapter(compressor.reader_adapter_name, LoraConfig(
+            r=config.reader_r, lora_alpha=config.reader_alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS)))
     if config.init_from:
         from safetensors.torch import load_file
 
@@ -153,10 +153,11 @@ def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompress
         if config.reader and (src / "reader").is_dir():
             from peft.utils import load_peft_weights
 
-            backbone.set_adapter_state_dict(READER_ADAPTER, load_peft_weights(str(src / "reader")))
-    # Only our adapters and head train; the base decoder stays frozen.
+            backbone.set_adapter_state_dict(compressor.reader_adapter_name, load_peft_weights(str(src / "reader")))
+    # Only this compressor's adapters and head train; the base decoder (and any other adapter) stays frozen.
+    enc, rdr = f".{compressor.encoder_adapter}.", f".{compressor.reader_adapter_name}."
     for name, p in backbone.peft_model.named_parameters():
-        p.requires_grad_(f".{ENCODER_ADAPTER}." in name or (config.reader and f".{READER_ADAPTER}." in name))
+        p.requires_grad_(enc in name or (config.reader and rdr in name))
     for p in compressor.head.parameters():
         p.requires_grad_(True)
     if config.gradient_checkpointing:
@@ -209,8 +210,9 @@ def _pooled_hidden(compressor: ICAECompressor, segments: list[list[int]]) -> lis
 
 def make_optimizer(config: PretrainConfig, compressor: ICAECompressor) -> torch.optim.Optimizer:
     backbone = compressor.backbone
-    enc = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and f".{ENCODER_ADAPTER}." in n]
-    rdr = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and f".{READER_ADAPTER}." in n]
+    enc_key, rdr_key = f".{compressor.encoder_adapter}.", f".{compressor.reader_adapter_name}."
+    enc = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and enc_key in n]
+    rdr = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and rdr_key in n]
     groups = [
         {"params": enc, "lr": config.lr, "name": "encoder"},
         {"params": list(compressor.head.parameters()), "lr": config.head_lr, "name": "head"},
@@ -222,8 +224,9 @@ def make_optimizer(config: PretrainConfig, compressor: ICAECompressor) -> torch.
 
 def trainable_state(compressor: ICAECompressor) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in compressor.weights().items()}
-    if compressor.backbone.has_adapter(READER_ADAPTER):
-        state.update({f"reader.{k}": v.detach().clone() for k, v in compressor.backbone.adapter_state_dict(READER_ADAPTER).items()})
+    reader = compressor.reader_adapter
+    if reader is not None:
+        state.update({f"reader.{k}": v.detach().clone() for k, v in compressor.backbone.adapter_state_dict(reader).items()})
     return state
 
 
@@ -231,7 +234,7 @@ def load_trainable_state(compressor: ICAECompressor, state: dict[str, torch.Tens
     compressor.load_weights({k: v for k, v in state.items() if not k.startswith("reader.")})
     reader = {k[len("reader.") :]: v for k, v in state.items() if k.startswith("reader.")}
     if reader:
-        compressor.backbone.set_adapter_state_dict(READER_ADAPTER, reader)
+        compressor.backbone.set_adapter_state_dict(compressor.reader_adapter_name, reader)
 
 
 # ---------------------------------------------------------------------- loop
