@@ -157,6 +157,9 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     out = {f"qa_{k}_{m}": v / n for k, d in scores.items() for m, v in d.items()}
     gap = out["qa_full_f1"] - out["qa_closed_f1"]
     out["qa_normalised_f1"] = (out["qa_soft_f1"] - out["qa_closed_f1"]) / gap if gap > 0 else float("nan")
+    if reader_adapter:
+        gap = out["qa_full_reader_f1"] - out["qa_closed_reader_f1"]
+        out["qa_normalised_f1_reader"] = (out["qa_soft_f1"] - out["qa_closed_reader_f1"]) / gap if gap > 0 else float("nan")
     out["qa_n"] = float(len(qa))
     return out
 

@@ -39,6 +39,24 @@ def verdict(metrics: dict[str, float], margin: float = 0.02) -> str:
             f"with no context (margin required: {margin}). Treat this compressor as a placeholder until retrained.")
 
 
+def qa_table(metrics: dict[str, float]) -> list[str]:
+    """Markdown lines for the QA part of an evaluation (none when it has no QA)."""
+    if "qa_soft_f1" not in metrics:
+        return []
+    rows = [("soft prompt, reader adapter", "soft"), ("full text, base model", "full"),
+            ("closed book, base model", "closed"), ("full text, reader adapter", "full_reader"),
+            ("closed book, reader adapter", "closed_reader")]
+    lines = ["", f"Answers to {int(metrics['qa_n'])} SQuAD test questions (greedy, same prompt template):", "",
+             "| condition | EM | F1 |", "| --- | --- | --- |"]
+    lines += [f"| {label} | {metrics[f'qa_{k}_em']:.3f} | {metrics[f'qa_{k}_f1']:.3f} |"
+              for label, k in rows if f"qa_{k}_f1" in metrics]
+    lines += ["", f"Normalised F1 (soft - closed) / (full - closed), base-model lines: **{metrics['qa_normalised_f1']:.2f}**."]
+    if "qa_normalised_f1_reader" in metrics:
+        lines.append(f"The same with the reader adapter's own lines (what the soft prompt itself adds): "
+                     f"**{metrics['qa_normalised_f1_reader']:.2f}**.")
+    return lines
+
+
 def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dict[str, Any],
                      final_eval: Optional[dict[str, float]], command: str, step: int,
                      wall_hours: Optional[float] = None, extra_notes: str = "") -> Path:
@@ -84,6 +102,7 @@ def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dic
     if final_eval:
         lines += ["", "Final evaluation of the exported weights:", "", "```json",
                   json.dumps(final_eval, indent=2, sort_keys=True), "```"]
+        lines += qa_table(final_eval)
         lines += ["", "## Verdict", verdict(final_eval)]
     lines += ["", "## Reproduce", "```", command, "```", ""]
     if extra_notes:
