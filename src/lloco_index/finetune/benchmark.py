@@ -10,7 +10,8 @@ Stages (each skipped when its output exists, so an interrupted run resumes where
 2. ``train``: :class:`LLoCOFinetuneEngine` on the training articles' questions (gold answers, contexts
    from the retriever, exactly as queries see them); resumable from its checkpoints.
 3. ``eval``: the held-out articles' questions through :class:`LLoCOQueryEngine` (compact, the same top-k)
-   with soft prompts and no adapter, with the adapter, and the full-document baseline (the same prompt
+   with soft prompts and no adapter, with the compressor's reader adapter (when it ships one), with the
+   finetuned adapter, closed book (the same template with an empty context), and the full-document baseline (the same prompt
    with the whole article's text); per-question results are appended to jsonl files and skipped on rerun.
 
 Prints and writes ``summary.json``: EM/F1 per condition, training time, tokens/s, adapter size.
@@ -157,9 +158,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.full_limit and args.full_limit < len(test_qs):
         stride = len(test_qs) / args.full_limit
         subset = [test_qs[int(i * stride)] for i in range(args.full_limit)]
+    def closed_book(ex):
+        result = llm.reader.generate(engine.query_messages(ex.question, []), adapter=None,
+                                     max_new_tokens=args.max_new_tokens)
+        return result.text, result.prompt.positions
+
+    conditions = [("soft_prompts_no_adapter", via_engine(plain))]
+    reader = getattr(compressor, "reader_adapter", None)
+    if reader is not None:  # the compressor's own reader: what the domain adapter starts from
+        conditions.append(("soft_prompts_reader_adapter",
+                           via_engine(LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=reader))))
+    conditions += [("soft_prompts_adapter", via_engine(tuned)), ("closed_book", closed_book),
+                   ("full_document_text", full_document)]
     results, on_subset = {}, {}
-    for name, fn in (("soft_prompts_no_adapter", via_engine(plain)), ("soft_prompts_adapter", via_engine(tuned)),
-                     ("full_document_text", full_document)):
+    for name, fn in conditions:
         if name == "full_document_text" and args.skip_full:
             continue
         questions = subset if name == "full_document_text" else test_qs
@@ -168,6 +180,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             on_subset[name] = _evaluate(name, run_dir / f"eval_{name}.jsonl", subset, fn)
         print(name, json.dumps(results[name]), flush=True)
     summary["eval"] = results
+    if "closed_book" in results and "full_document_text" in results:
+        gap = results["full_document_text"]["f1"] - results["closed_book"]["f1"]
+        summary["normalised_f1"] = {k: (v["f1"] - results["closed_book"]["f1"]) / gap if gap > 0 else float("nan")
+                                    for k, v in results.items()}
     if on_subset:
         summary["eval_on_full_document_subset"] = on_subset
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())

@@ -230,11 +230,13 @@ class LLoCOFinetuneEngine:
         prompt -- the first (and with the default budget, only) LLM call of a query.
         """
         synth = self.query_engine._response_synthesizer
-        packs = synth._make_compact_text_chunks(question, list(chunks))
+        packs = synth._make_compact_text_chunks(question, [c for c in chunks if c.strip()])
         if len(packs) > 1:
             self._multi_pack += 1  # refine calls follow at query time; the example is the first call
         max_prompt = get_biggest_prompt([synth._text_qa_template, synth._refine_template])
-        first = synth._prompt_helper.repack(max_prompt, [packs[0]], llm=synth._llm, padding=synth._response_padding_size)[0]
+        # No chunks: the same template with an empty context (a closed-book line in the query's own format).
+        first = synth._prompt_helper.repack(max_prompt, [packs[0]], llm=synth._llm,
+                                            padding=synth._response_padding_size)[0] if packs else ""
         prompt = synth._text_qa_template.partial_format(query_str=question)
         return self.llm._messages(self.llm._get_messages(prompt, context_str=first))
 
