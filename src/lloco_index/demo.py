@@ -47,7 +47,6 @@ def run_demo(persist_dir: Optional[Path] = None, *, max_questions: int = 6, top_
              compressor=None, out=print) -> list[dict]:
     """Run the demo and return one record per question."""
     from .llamaindex import LLoCOLLM, LLoCOQueryEngine, build_index, load_index
-    from .store import SoftPromptStore
 
     persist_dir = Path(persist_dir or defaults.cache_dir() / "demo-storage")
     notice = None

@@ -26,7 +26,6 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from .. import defaults
 from ..backbone import Backbone
 from ..models import autocast
 from .base import BaseCompressor, CompressorConfig

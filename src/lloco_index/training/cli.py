@@ -141,7 +141,6 @@ def run_pretrain(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     """Export the newest checkpoint, evaluate it on held-out text (+ QA) and write MODEL_CARD.md."""
     import sys
-    import time
     from pathlib import Path
 
     from ..compressors.base import atomic_write_bytes
