@@ -74,7 +74,10 @@ def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dic
            if config.get("reader") else "the frozen decoder (no reader adapter)."),
         "",
         "## Training",
-        f"- pooling `{config['pooling']}`, projection init `{config['init_projection']}`, objectives (sampling shares) "
+        f"- pooling `{config['pooling']}`, "
+        + (f"all weights initialised from `{config['init_from']}`" if config.get("init_from")
+           else f"projection init `{config['init_projection']}`")
+        + ", objectives (sampling shares) "
         f"`{config['objectives']}`, continuation {config['continuation_length']} tokens",
         f"- AdamW, lr {config['lr']} (encoder LoRA), {config.get('reader_lr') or config['lr']} (reader), "
         f"{config['head_lr']} (projection), {config['schedule']} schedule over {config['steps']} steps, warmup "
