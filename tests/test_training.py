@@ -200,3 +200,91 @@ def test_reader_and_encoder_both_train_with_teacher_passes(tmp_path, tokenizer, 
     encoder_b = [v for k, v in state.items() if k.startswith("lora.") and "lora_B" in k]
     assert reader_b and any(float(v.abs().max()) > 0 for v in reader_b)
     assert encoder_b and any(float(v.abs().max()) > 0 for v in encoder_b)
+
+
+# ------------------------------------------------------------------ AutoCompressor objective
+def ac_config(tmp_path, **kw) -> PretrainConfig:
+    base = dict(method="autocompressor", objectives={"ac": 1.0}, segment_length=16, n_slots=4, ac_segments=2)
+    base.update(kw)
+    return config(tmp_path, **base)
+
+
+@pytest.fixture(scope="module")
+def ac_windows(tokenizer):
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    return make_windows([ids, ids[5:]], segment_length=32, continuation_length=16)  # 2 segments of 16
+
+
+def test_recursive_loss_reads_the_summaries(tokenizer, ac_windows):
+    # The second segment's loss depends on the first segment through its summary vectors (and only so):
+    # changing the first segment changes it, and the gradient reaches the summary-token embeddings.
+    from lloco_index.training.pretrain import build_compressor
+    from lloco_index.training.recursive import recursive_lm_loss, split_segments
+
+    backbone = tiny_backbone(tokenizer)
+    compressor = build_compressor(ac_config("unused"), backbone)
+    with torch.no_grad():  # a non-zero LoRA: the writer must differ from the plain model
+        for name, p in backbone.peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    a = split_segments(ac_windows[0].segment, 16, 2)
+    b = [ac_windows[1].segment[:16], a[1]]
+    assert [len(s) for s in a] == [16, 16]
+    with backbone.using(compressor.writer_adapter):
+        loss_a, n = recursive_lm_loss(compressor, [a], score_first_segment=False)
+        loss_b, _ = recursive_lm_loss(compressor, [b], score_first_segment=False)
+        loss_all, n_all = recursive_lm_loss(compressor, [a])
+    assert n == 16 and n_all == 16 + 15
+    assert not torch.allclose(loss_a, loss_b)
+    loss_a.backward()
+    assert compressor.embed_summary.weight.grad is not None and compressor.embed_summary.weight.grad.abs().sum() > 0
+    lora_grads = [p.grad for name, p in backbone.peft_model.named_parameters() if "lora_A" in name]
+    assert lora_grads and any(g is not None and g.abs().sum() > 0 for g in lora_grads)
+
+
+def test_autocompressor_training_learns_and_resumes(tmp_path, tokenizer, ac_windows):
+    batch = ac_windows[:2]
+    result = pretrain(ac_config(tmp_path / "a", steps=8, checkpoint_every=0, schedule="constant"),
+                      backbone=tiny_backbone(tokenizer), windows=batch, progress=False)
+    losses = [r["loss_ac"] for r in result.history if "loss_ac" in r]
+    assert len(losses) == 8 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
+    # Mixed with a shared objective, interrupted and resumed: identical to one uninterrupted run.
+    mix = {"ac": 1.0, "lm": 1.0}
+    full = pretrain(ac_config(tmp_path / "full", objectives=mix), backbone=tiny_backbone(tokenizer),
+                    windows=ac_windows, progress=False)
+    pretrain(ac_config(tmp_path / "split", objectives=mix), backbone=tiny_backbone(tokenizer), windows=ac_windows,
+             progress=False, stop_after=3)
+    second = pretrain(ac_config(tmp_path / "split", objectives=mix), backbone=tiny_backbone(tokenizer),
+                      windows=ac_windows, progress=False)
+    a, b = trainable_state(full.compressor), trainable_state(second.compressor)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.startswith("reader.") for k in a) and "embed_summary.weight" in a
+
+
+def test_autocompressor_export_merges_the_lora(tmp_path, tokenizer, ac_windows):
+    from lloco_index.compressors.autocompressor import AutoCompressor
+    from lloco_index.compressors.loading import load_compressor
+    from lloco_index.training.pretrain import export_checkpoint
+
+    result = pretrain(ac_config(tmp_path / "run", steps=3, checkpoint_every=3, lr=3e-2),
+                      backbone=tiny_backbone(tokenizer), windows=ac_windows, progress=False)
+    exported = export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), backbone=tiny_backbone(tokenizer))
+    loaded = load_compressor(tmp_path / "out")
+    assert isinstance(loaded, AutoCompressor) and loaded.fingerprint == exported.fingerprint
+    assert loaded.writer_adapter is None and loaded.config.base_model != "tiny-test-llama"
+    text = tokenizer.decode(ac_windows[0].segment)
+    with torch.no_grad():
+        # What training wrote (decoder + LoRA) is what the merged decoder writes.
+        trained = result.compressor
+        with trained.backbone.using(trained.writer_adapter):
+            expected = trained.summarize([trained.tokenize_segments(text)])[0]
+    [got] = loaded.compress([text])
+    assert got.shape == expected.shape == (2 * 4, 64)
+    assert torch.allclose(got.float(), expected.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_ac_objective_needs_the_autocompressor_method(tmp_path):
+    with pytest.raises(ValueError, match="--method autocompressor"):
+        config(tmp_path, objectives={"ac": 1.0}).check()
+    with pytest.raises(ValueError, match="no --slots-curriculum"):
+        ac_config(tmp_path, slots_curriculum=[[0, 2]]).check()

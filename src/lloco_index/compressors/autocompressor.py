@@ -42,7 +42,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -87,6 +87,27 @@ class AutoCompressorConfig(CompressorConfig):
     # (default "decoder"). In `extra` because where the weights lie does not change the vectors.
 
 
+@dataclass
+class SummaryStep:
+    """One step of the recursion: segment ``step`` of the texts in ``active``, run as one batch.
+
+    Row ``r`` of ``hidden`` reads ``[prefix (prefix_lengths[r] summary vectors)] [segment_ids[r]]
+    [summary tokens]``, right-padded to the widest row.
+    """
+
+    step: int
+    active: list[int]  # indices of the texts that have a segment at this step
+    hidden: torch.Tensor  # [rows, width, hidden], after the final RMSNorm
+    lengths: list[int]
+    prefix_lengths: list[int]
+    segment_ids: list[torch.Tensor]
+    n_slots: int
+
+    def summaries(self, row: int) -> torch.Tensor:
+        end = self.lengths[row]
+        return self.hidden[row, end - self.n_slots : end]
+
+
 class AutoCompressor(BaseCompressor):
     """Recursive summary-vector compressor over a LLaMA decoder that reads its own summaries.
 
@@ -124,6 +145,9 @@ class AutoCompressor(BaseCompressor):
         # float32 master copy: bf16 -> f32 is exact, so fingerprints agree across save/load.
         self.embed_summary.to(backbone.device)
         self.source_dir: Optional[Path] = None  # the compressor directory it was loaded from (indexes reference it)
+        # The adapter the summaries are written (and read) with while a LoRA is being trained on the recursive
+        # objective (lloco_index.training); None for saved compressors, whose decoder weights do both.
+        self.writer_adapter: Optional[str] = None
 
     def _check_summary_shape(self, tensor: torch.Tensor) -> None:
         expected = (self.config.n_slots, self.backbone.hidden_size)
@@ -158,30 +182,45 @@ class AutoCompressor(BaseCompressor):
     def summarize(self, per_text: Sequence[Sequence[Sequence[int]]]) -> list[torch.Tensor]:
         """Summary vectors of each text, given as token-id segments. Differentiable (used by training).
 
+        Run it inside ``backbone.using(compressor.writer_adapter)``, or call :meth:`encode` or
+        :meth:`compress`, which do so.
+        """
+        history: list[list[torch.Tensor]] = [[] for _ in per_text]
+        for step in self.iter_steps(per_text):
+            for row, i in enumerate(step.active):
+                history[i].append(step.summaries(row))
+        return [torch.cat(h, dim=0) if self.accumulate else h[-1] for h in history]
+
+    def iter_steps(self, per_text: Sequence[Sequence[Sequence[int]]]) -> Iterator["SummaryStep"]:
+        """Run the recursion one segment index at a time and yield each step's hidden states.
+
         Step ``k`` runs segment ``k`` of every text that has one, as one batch. Rows are
         right-padded: real positions never see the padding under the causal mask, so a
         text's summaries do not depend on what it is batched with, and positions stay
         contiguous from 0 like the reference's (which unpads for flash attention).
-        Run it inside ``backbone.using(None)`` or let :meth:`compress` do so.
+        The summaries of step ``k`` (``SummaryStep.summaries``) are the prefix of step ``k+1``;
+        the recursive training objective reads the segment positions of the same hidden states.
         """
         if not per_text:
-            return []
+            return
         if any(len(segments) == 0 or any(len(seg) == 0 for seg in segments) for segments in per_text):
             raise ValueError("summarize() needs at least one non-empty segment per text (empty texts have no summary).")
         backbone = self.backbone
         device = backbone.device
         table = backbone.embedding_table()
         dtype = table.weight.dtype
-        slots = self.n_slots
         summary_tokens = self.embed_summary.weight.to(device=device, dtype=dtype)
         empty = table.weight.new_zeros(0, table.weight.shape[1])
         history: list[list[torch.Tensor]] = [[] for _ in per_text]
         for step in range(max(len(segments) for segments in per_text)):
             active = [i for i, segments in enumerate(per_text) if len(segments) > step]
-            rows = []
+            rows, prefix_lengths, segment_ids = [], [], []
             for i in active:
                 ids = torch.tensor(list(per_text[i][step]), dtype=torch.long, device=device)
-                rows.append(torch.cat([self._prefix(history[i], empty).to(dtype), table(ids), summary_tokens], dim=0))
+                prefix = self._prefix(history[i], empty).to(dtype)
+                rows.append(torch.cat([prefix, table(ids), summary_tokens], dim=0))
+                prefix_lengths.append(prefix.shape[0])
+                segment_ids.append(ids)
             lengths = [row.shape[0] for row in rows]
             width = max(lengths)
             inputs = torch.stack([nn.functional.pad(row, (0, 0, 0, width - row.shape[0])) for row in rows])
@@ -189,14 +228,23 @@ class AutoCompressor(BaseCompressor):
             mask = (arange.unsqueeze(0) < torch.tensor(lengths, device=device).unsqueeze(1)).long()
             positions = arange.unsqueeze(0).expand(len(rows), -1)
             with autocast(device):
+                # last_hidden_state is after the final RMSNorm, as in the reference.
                 hidden = backbone.base_model.model(
                     inputs_embeds=inputs, attention_mask=mask, position_ids=positions, use_cache=False
                 ).last_hidden_state
+            out = SummaryStep(step, active, hidden, lengths, prefix_lengths, segment_ids, self.n_slots)
             for row, i in enumerate(active):
-                end = lengths[row]
-                # last_hidden_state is after the final RMSNorm, as in the reference.
-                history[i].append(hidden[row, end - slots : end])
-        return [torch.cat(h, dim=0) if self.accumulate else h[-1] for h in history]
+                history[i].append(out.summaries(row))
+            yield out
+
+    def encode(self, segments: list[list[int]]) -> list[torch.Tensor]:
+        """Each segment's summary vectors on its own (no history), under :attr:`writer_adapter`.
+
+        Differentiable: the training objectives and held-out evaluation that ICAE compressors
+        share call this.
+        """
+        with self.backbone.using(self.writer_adapter):
+            return self.summarize([[s] for s in segments])
 
     def _prefix(self, summaries: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
         if not summaries:
@@ -208,7 +256,9 @@ class AutoCompressor(BaseCompressor):
         order = sorted(range(len(per_text)), key=lambda i: (len(per_text[i]), len(per_text[i][-1])))
         outputs: list[Optional[torch.Tensor]] = [None] * len(per_text)
         bar = tqdm(total=sum(len(s) for s in per_text), desc="compressing", unit="seg", disable=not progress)
-        with torch.inference_mode(), self.backbone.using(None):  # summaries come from the plain checkpoint weights
+        # Summaries come from the decoder weights themselves (the public checkpoints are fully finetuned),
+        # or from the LoRA they were trained with, never from a reader adapter loaded on top.
+        with torch.inference_mode(), self.backbone.using(self.writer_adapter):
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 for i, summary in zip(idx, self.summarize([per_text[i] for i in idx])):
@@ -630,13 +680,36 @@ def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_decoder_dir(backbone: Backbone, target: Union[str, Path], *, max_shard_bytes: int = 4 << 30) -> Path:
-    """Save a backbone's LLaMA as a safetensors Hugging Face directory that keeps its identity."""
+@torch.no_grad()
+def merged_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """The plain LLaMA weights with LoRA ``adapter`` added in (W + scale * B @ A); ``model`` is not changed.
+
+    Used to export an AutoCompressor trained as decoder + LoRA in the public checkpoints' layout.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    state = {k: v.detach().clone() for k, v in _base_state_dict(model).items()}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            key = f"{name}.weight"
+            state[key] = (state[key].float() + module.get_delta_weight(adapter).float()).to(state[key].dtype)
+    return state
+
+
+def write_decoder_dir(backbone: Backbone, target: Union[str, Path], *, max_shard_bytes: int = 4 << 30,
+                      state: Optional[dict[str, torch.Tensor]] = None, identity: Optional[str] = None) -> Path:
+    """Save a backbone's LLaMA as a safetensors Hugging Face directory that keeps its identity.
+
+    ``state`` replaces the weights written (e.g. :func:`merged_state_dict`); such a decoder is another
+    model and must get its own ``identity``.
+    """
+    if state is not None and identity is None:
+        raise ValueError("write_decoder_dir(state=...) writes other weights than the backbone's: pass their identity.")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        state = _base_state_dict(backbone.base_model)
+        state = state if state is not None else _base_state_dict(backbone.base_model)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for key, value in state.items():
@@ -657,7 +730,7 @@ def write_decoder_dir(backbone: Backbone, target: Union[str, Path], *, max_shard
             atomic_write_bytes(tmp / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
         config = backbone.config.to_dict()
         config["architectures"] = ["LlamaForCausalLM"]
-        config["lloco_identity"] = backbone.identity
+        config["lloco_identity"] = identity or backbone.identity
         atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str).encode())
         backbone.tokenizer.save_pretrained(str(tmp))
         generation_config = getattr(backbone.base_model, "generation_config", None)

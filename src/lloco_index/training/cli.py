@@ -8,6 +8,7 @@ runs it standalone.
     lloco-index pretrain --run-dir runs/mean-4x            # resumes from the newest checkpoint
     lloco-index pretrain --eval-only --compressor DIR --data held_out.txt
     lloco-index pretrain --export runs/mean-4x --out DIR
+    lloco-index pretrain --run-dir runs/ac --method autocompressor --objectives ac=1 --ac-segments 2
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     g.add_argument("--config", help="JSON file with PretrainConfig fields (flags given explicitly override it)")
     g = parser.add_argument_group("compressor")
+    g.add_argument("--method", choices=["icae", "autocompressor"], default=d.method,
+                   help="icae: encoder LoRA + pooling or memory tokens; autocompressor: recursive summaries (objective 'ac')")
+    g.add_argument("--ac-segments", type=int, default=d.ac_segments,
+                   help="autocompressor: consecutive segments per 'ac' example")
     g.add_argument("--pooling", choices=["mean", "memory"], default=d.pooling)
     g.add_argument("--segment-length", type=int, default=d.segment_length)
     g.add_argument("--n-slots", type=int, default=d.n_slots, help="slots per full segment (ratio = segment/slots)")
@@ -69,6 +74,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--segment-curriculum", type=_curriculum, default=[], help='"step:len,...", e.g. "0:64,100:128"')
     g.add_argument("--slots-curriculum", type=_curriculum, default=[], help='"step:n_slots,...", e.g. "0:64,200:32"')
+    g.add_argument("--chunks-curriculum", type=_curriculum, default=[],
+                   help='autocompressor: "step:segments,...", e.g. "0:1,100:2,300:4"')
     g.add_argument("--seed", type=int, default=d.seed)
     g = parser.add_argument_group("checkpoints and evaluation")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
@@ -93,7 +100,8 @@ def config_from_args(args: argparse.Namespace):
     base = json.loads(open(args.config).read()) if getattr(args, "config", None) else {}
     mapping = dict(
         run_dir=args.run_dir, data_dir=args.data_dir, sources=args.sources.split(","), decoder=args.decoder,
-        device=args.device, threads=args.threads, pooling=args.pooling, segment_length=args.segment_length,
+        device=args.device, threads=args.threads, method=args.method, ac_segments=args.ac_segments,
+        chunks_curriculum=args.chunks_curriculum, pooling=args.pooling, segment_length=args.segment_length,
         n_slots=args.n_slots, pool_layer=args.pool_layer, lora_r=args.lora_r, init_projection=args.init_projection,
         init_from=args.init_from, reader=not args.frozen_decoder, reader_r=args.reader_r, objectives=args.objectives,
         continuation_length=args.continuation_length, qa_file=args.qa_file, steps=args.steps,

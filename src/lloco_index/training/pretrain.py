@@ -3,6 +3,9 @@
 ``pretrain(PretrainConfig(...))`` builds (or resumes) an ICAE-style compressor
 on a decoder, optionally with a trainable reader LoRA, and trains it on a mix of
 objectives (:mod:`.objectives`) over token windows of the training splits.
+``method="autocompressor"`` trains an AutoCompressor instead: one LoRA that both
+writes and reads recursive summaries, on its own objective (``ac``,
+:mod:`.recursive`), exported with the LoRA merged into a decoder copy.
 bf16 autocast, AdamW with per-group learning rates, warmup + cosine/linear
 schedule, gradient accumulation, optional gradient checkpointing, a curriculum
 over segment length and ratio, atomic checkpoints every N steps, a held-out
@@ -25,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
+from ..compressors.autocompressor import AutoCompressor, AutoCompressorConfig
 from ..compressors.icae import ICAECompressor, ICAEConfig
 from . import checkpoint as ckpt
 from .data import (
@@ -40,6 +44,7 @@ from .data import (
 )
 from .evaluate import evaluate_compressor, held_out_windows
 from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
+from .recursive import recursive_lm_loss, split_segments
 
 
 @dataclass
@@ -52,6 +57,8 @@ class PretrainConfig:
     decoder: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
     device: str = "cpu"
     # --- compressor
+    method: str = "icae"  # "icae" (encoder LoRA + pooling or memory tokens) or "autocompressor" (recursive summaries)
+    ac_segments: int = 2  # autocompressor: consecutive segments per "ac" example (the recursion depth)
     pooling: str = "mean"  # "mean" (window mean-pooling) or "memory" (ICAE memory tokens)
     segment_length: int = defaults.DEFAULT_SEGMENT_LENGTH
     n_slots: int = defaults.DEFAULT_N_SLOTS  # slots per full segment: ratio = segment_length / n_slots
@@ -85,6 +92,7 @@ class PretrainConfig:
     # curriculum: [[from_step, value], ...]; the last entry whose step has been reached applies
     segment_curriculum: list[list[int]] = field(default_factory=list)  # segment length in tokens
     slots_curriculum: list[list[int]] = field(default_factory=list)  # n_slots per full segment (ratio)
+    chunks_curriculum: list[list[int]] = field(default_factory=list)  # autocompressor: segments per "ac" example
     # --- bookkeeping
     seed: int = 0
     checkpoint_every: int = 50
@@ -101,9 +109,33 @@ class PretrainConfig:
         return self.segment_length / self.n_slots
 
 
+    def check(self) -> None:
+        """Refuse combinations that cannot train, before any model is loaded."""
+        if self.method not in ("icae", "autocompressor"):
+            raise ValueError(f"method must be 'icae' or 'autocompressor', got {self.method!r}.")
+        uses_ac = self.objectives.get("ac", 0) > 0
+        if self.method == "icae" and uses_ac:
+            raise ValueError("The 'ac' objective (next-token loss over accumulated summaries) trains AutoCompressor "
+                             "compressors only: pass --method autocompressor, or drop 'ac' from --objectives.")
+        if self.method == "autocompressor":
+            if self.slots_curriculum or self.init_from or not self.reader:
+                raise ValueError("--method autocompressor trains one LoRA that writes and reads its summaries, with a "
+                                 "fixed number of summary tokens: it takes no --slots-curriculum, --init-from or "
+                                 "--frozen-decoder.")
+            if self.ac_segments < 1 or any(v < 1 for _, v in self.chunks_curriculum):
+                raise ValueError("--ac-segments and --chunks-curriculum need at least 1 segment per example.")
+
+    @property
+    def max_segments(self) -> int:
+        """Segments per training window: 1 for ICAE, the deepest recursion for an AutoCompressor."""
+        if self.method != "autocompressor":
+            return 1
+        return max([self.ac_segments] + [v for _, v in self.chunks_curriculum])
+
+
 @dataclass
 class PretrainResult:
-    compressor: ICAECompressor
+    compressor: ICAECompressor | AutoCompressor
     step: int
     history: list[dict[str, Any]]
     last_eval: Optional[dict[str, float]]
@@ -133,12 +165,14 @@ def lr_lambda(config: PretrainConfig):
 
 
 # ------------------------------------------------------------------ building
-def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompressor:
+def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompressor | AutoCompressor:
     """A fresh (or ``init_from``) compressor + reader adapter with the right parameters trainable."""
     from peft import LoraConfig
 
     from ..compressors.icae import LORA_TARGETS
 
+    if config.method == "autocompressor":
+        return _build_autocompressor(config, backbone)
     icfg = ICAEConfig(n_slots=config.n_slots, segment_length=config.segment_length, pooling=config.pooling,
                       lora_r=config.lora_r, lora_alpha=config.lora_alpha, pool_layer=config.pool_layer)
     compressor = ICAECompressor(backbone, icfg)
@@ -160,10 +194,33 @@ def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompress
         p.requires_grad_(enc in name or (config.reader and rdr in name))
     for p in compressor.head.parameters():
         p.requires_grad_(True)
+    _maybe_checkpointing(config, backbone)
+    return compressor
+
+
+def _build_autocompressor(config: PretrainConfig, backbone: Backbone) -> AutoCompressor:
+    """An AutoCompressor whose summaries are written and read by the decoder + one trainable LoRA."""
+    from peft import LoraConfig
+
+    from ..compressors.autocompressor import READER_ADAPTER
+    from ..compressors.icae import LORA_TARGETS
+
+    compressor = AutoCompressor(backbone, AutoCompressorConfig(n_slots=config.n_slots, segment_length=config.segment_length))
+    backbone.add_adapter(READER_ADAPTER, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                                    target_modules=list(LORA_TARGETS)))
+    compressor.writer_adapter = READER_ADAPTER
+    key = f".{READER_ADAPTER}."
+    for name, p in backbone.peft_model.named_parameters():
+        p.requires_grad_(key in name)
+    compressor.embed_summary.weight.requires_grad_(True)
+    _maybe_checkpointing(config, backbone)
+    return compressor
+
+
+def _maybe_checkpointing(config: PretrainConfig, backbone: Backbone) -> None:
     if config.gradient_checkpointing:
         backbone.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         backbone.base_model.config.use_cache = False
-    return compressor
 
 
 @torch.no_grad()
@@ -208,21 +265,26 @@ def _pooled_hidden(compressor: ICAECompressor, segments: list[list[int]]) -> lis
         proj.forward = original  # type: ignore[method-assign]
 
 
-def make_optimizer(config: PretrainConfig, compressor: ICAECompressor) -> torch.optim.Optimizer:
+def make_optimizer(config: PretrainConfig, compressor: ICAECompressor | AutoCompressor) -> torch.optim.Optimizer:
+    """AdamW over the encoder LoRA (``lr``), the new parameters (``head_lr``: projection and memory tokens, or
+    an AutoCompressor's summary tokens) and the reader LoRA (``reader_lr``; an AutoCompressor's one LoRA)."""
     backbone = compressor.backbone
-    enc_key, rdr_key = f".{compressor.encoder_adapter}.", f".{compressor.reader_adapter_name}."
-    enc = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and enc_key in n]
-    rdr = [p for n, p in backbone.peft_model.named_parameters() if p.requires_grad and rdr_key in n]
-    groups = [
-        {"params": enc, "lr": config.lr, "name": "encoder"},
-        {"params": list(compressor.head.parameters()), "lr": config.head_lr, "name": "head"},
-    ]
+    if isinstance(compressor, AutoCompressor):
+        enc_key, rdr_key, head = None, f".{compressor.writer_adapter}.", [compressor.embed_summary.weight]
+    else:
+        enc_key, rdr_key = f".{compressor.encoder_adapter}.", f".{compressor.reader_adapter_name}."
+        head = list(compressor.head.parameters())
+    named = [(n, p) for n, p in backbone.peft_model.named_parameters() if p.requires_grad]
+    enc = [p for n, p in named if enc_key and enc_key in n]
+    rdr = [p for n, p in named if rdr_key in n]
+    groups = [{"params": enc, "lr": config.lr, "name": "encoder"}] if enc else []
+    groups.append({"params": head, "lr": config.head_lr, "name": "head"})
     if rdr:
         groups.append({"params": rdr, "lr": config.reader_lr or config.lr, "name": "reader"})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
 
 
-def trainable_state(compressor: ICAECompressor) -> dict[str, torch.Tensor]:
+def trainable_state(compressor: ICAECompressor | AutoCompressor) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in compressor.weights().items()}
     reader = compressor.reader_adapter
     if reader is not None:
@@ -230,11 +292,11 @@ def trainable_state(compressor: ICAECompressor) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_trainable_state(compressor: ICAECompressor, state: dict[str, torch.Tensor]) -> None:
+def load_trainable_state(compressor: ICAECompressor | AutoCompressor, state: dict[str, torch.Tensor]) -> None:
     compressor.load_weights({k: v for k, v in state.items() if not k.startswith("reader.")})
     reader = {k[len("reader.") :]: v for k, v in state.items() if k.startswith("reader.")}
     if reader:
-        compressor.backbone.set_adapter_state_dict(compressor.reader_adapter_name, reader)
+        compressor.backbone.set_adapter_state_dict(compressor.reader_adapter, reader)
 
 
 # ---------------------------------------------------------------------- loop
@@ -255,6 +317,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
 
     >>> pretrain(PretrainConfig(run_dir="runs/mean-4x", n_slots=64, pool_layer=8, steps=400))
     """
+    config.check()
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -267,7 +330,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     if windows is None:
         docs = load_documents(config.data_dir, "train", config.sources)
         token_docs = tokenize_documents(docs, backbone.tokenize)
-        windows = make_windows(token_docs, config.segment_length, config.continuation_length)
+        windows = make_windows(token_docs, config.segment_length * config.max_segments, config.continuation_length)
     if eval_windows is None and config.eval_every:
         eval_windows = held_out_windows(backbone, config.data_dir, config.eval_windows,
                                         config.eval_segment_length or config.segment_length,
@@ -304,7 +367,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     else:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
-        if config.init_projection == "lstsq" and not config.init_from:
+        if config.init_projection == "lstsq" and not config.init_from and config.method == "icae":
             fit = [w.segment for w in windows[: max(1, 4096 // config.segment_length)]]
             residual = fit_projection_lstsq(compressor, fit)
             tqdm.write(f"projection initialised by least squares (relative residual {residual:.3f})")
@@ -333,38 +396,53 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     bar = tqdm(total=config.steps, initial=step, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
     tokens_seen, t0 = 0, time.perf_counter()
+    is_ac = config.method == "autocompressor"
     while step < end:
         seg_len = curriculum_value(config.segment_curriculum, step, config.segment_length)
         compressor.config.n_slots = curriculum_value(config.slots_curriculum, step, config.n_slots)
+        n_chunks = curriculum_value(config.chunks_curriculum, step, config.ac_segments) if is_ac else 1
         rng = random.Random(config.seed * 7_919 + step)  # per-step stream: identical after a resume
         batch = sampler.next_batch()
         optimizer.zero_grad(set_to_none=True)
         parts: dict[str, list[float]] = {}
         loss_sum = 0.0
         for micro in range(config.grad_accum):
-            chunk = batch[micro * config.batch_size : (micro + 1) * config.batch_size]
-            chunk = [shorten(w, seg_len, config.continuation_length) for w in chunk]
+            raw = batch[micro * config.batch_size : (micro + 1) * config.batch_size]
+            chunk = [shorten(w, seg_len, config.continuation_length) for w in raw]
             names = mix.sample(rng, len(chunk))
-            examples = []
-            for name, w in zip(names, chunk):
+            examples, recursive = [], []
+            for name, w, full in zip(names, chunk, raw):
                 if name == "qa":
                     qa = qa_pool[rng.randrange(len(qa_pool))]
                     examples.append(builder.qa_example(qa, seg_len))
+                elif name == "ac":
+                    recursive.append(split_segments(full.segment, seg_len, n_chunks))
                 else:
                     examples.append(builder.window_example(name, w))
-            soft = compressor.encode([e.segment for e in examples])
-            report = mixed_loss(backbone, compressor.reader_adapter, examples, soft, config.kl_temperature)
-            (report.loss / config.grad_accum).backward()
-            loss_sum += float(report.loss.detach()) / config.grad_accum
-            tokens_seen += sum(len(e.segment) + len(e.target_ids) for e in examples)
-            for k, v in report.per_objective.items():
-                parts.setdefault(k, []).append(v)
+            loss, n_scored = None, 0
+            if examples:
+                soft = compressor.encode([e.segment for e in examples])
+                report = mixed_loss(backbone, compressor.reader_adapter, examples, soft, config.kl_temperature)
+                loss, n_scored = report.loss * report.n_target_tokens, report.n_target_tokens
+                for k, v in report.per_objective.items():
+                    parts.setdefault(k, []).append(v)
+                tokens_seen += sum(len(e.segment) + len(e.target_ids) for e in examples)
+            if recursive:
+                with backbone.using(compressor.writer_adapter):
+                    ac_loss, n_ac = recursive_lm_loss(compressor, recursive)
+                loss = ac_loss * n_ac if loss is None else loss + ac_loss * n_ac
+                n_scored += n_ac
+                parts.setdefault("ac", []).append(float(ac_loss.detach()))
+                tokens_seen += sum(len(seg) for segments in recursive for seg in segments)
+            loss = loss / max(n_scored, 1)  # token-averaged over every objective in the micro-batch
+            (loss / config.grad_accum).backward()
+            loss_sum += float(loss.detach()) / config.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
         optimizer.step()
         scheduler.step()
         compressor.invalidate_fingerprint()
         step += 1
-        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len,
+        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len * n_chunks,
                   "n_slots": compressor.config.n_slots, "lr": scheduler.get_last_lr()[0],
                   **{f"loss_{k}": sum(v) / len(v) for k, v in parts.items()}, "time": time.time()}
         history.append(record)
@@ -385,8 +463,13 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
 
 
 def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone] = None,
-                      step: Optional[int] = None, notes: Optional[dict[str, Any]] = None) -> ICAECompressor:
-    """Write a run's checkpoint (default: the newest) as a ``from_pretrained`` compressor directory."""
+                      step: Optional[int] = None, notes: Optional[dict[str, Any]] = None) -> ICAECompressor | AutoCompressor:
+    """Write a run's checkpoint (default: the newest) as a ``from_pretrained`` compressor directory.
+
+    An AutoCompressor run is written in the layout of the public checkpoints: its LoRA merged into a
+    copy of the decoder (``decoder/``, with an identity of its own) next to the summary embeddings;
+    the compressor returned is the one loaded back from ``out_dir``.
+    """
     if step is None:
         found = ckpt.latest_checkpoint(run_dir)
         if found is None:
@@ -400,7 +483,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     config.init_from = None
     model_state = dict(state["model"])
     reader_b = [v for k, v in model_state.items() if k.startswith("reader.") and "lora_B" in k]
-    if reader_b and all(float(v.abs().max()) == 0 for v in reader_b):
+    if config.method == "icae" and reader_b and all(float(v.abs().max()) == 0 for v in reader_b):
         # LoRA B still zero: the reader never trained and is the identity. Ship none rather than a no-op.
         config.reader = False
         model_state = {k: v for k, v in model_state.items() if not k.startswith("reader.")}
@@ -411,5 +494,32 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": int(state["step"]),
                                             "objectives": config.objectives}, **(notes or {})}
     compressor.invalidate_fingerprint()
+    if isinstance(compressor, AutoCompressor):
+        return _export_autocompressor(compressor, Path(out_dir))
     compressor.save_pretrained(out_dir)
     return compressor
+
+
+def _export_autocompressor(compressor: AutoCompressor, out_dir: Path) -> AutoCompressor:
+    from ..compressors.autocompressor import DECODER_SUBDIR, merged_state_dict, write_decoder_dir
+    from ..compressors.base import tensors_digest
+
+    backbone = compressor.backbone
+    digest = tensors_digest(trainable_state(compressor))[:12]
+    identity = f"autocompressor:{backbone.identity}:{digest}"
+    write_decoder_dir(backbone, out_dir / DECODER_SUBDIR, identity=identity,
+                      state=merged_state_dict(backbone.base_model, compressor.writer_adapter))
+    # The decoder written is not this backbone's: save the config and summary tokens for it, not for ours.
+    saved = AutoCompressorConfig(**{**compressor.config.__dict__, "base_model": identity,
+                                    "extra": {**compressor.config.extra, "decoder_dir": DECODER_SUBDIR}})
+    _write_compressor_files(out_dir, saved, compressor.weights())
+    return AutoCompressor.from_pretrained_directory(out_dir, device=backbone.device)
+
+
+def _write_compressor_files(directory: Path, config: AutoCompressorConfig, tensors: dict[str, torch.Tensor]) -> None:
+    from ..compressors.base import atomic_save_safetensors, atomic_write_bytes
+
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()},
+                            directory / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
+    atomic_write_bytes(directory / defaults.COMPRESSOR_CONFIG_NAME, config.to_json().encode())  # last: marks complete
