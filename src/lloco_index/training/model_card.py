@@ -57,24 +57,43 @@ def qa_table(metrics: dict[str, float]) -> list[str]:
     return lines
 
 
+def describe_method(config: dict[str, Any]) -> str:
+    """One paragraph: how this compressor makes soft prompts and what reads them."""
+    ratio = config["segment_length"] / config["n_slots"]
+    shape = f"{config['segment_length']} tokens -> {config['n_slots']} slots, {ratio:g}x"
+    if config.get("method") == "autocompressor":
+        return (f"AutoCompressor (recursive summary vectors, {shape}): each segment is read after the summaries of "
+                f"the segments before it, followed by {config['n_slots']} summary tokens whose final hidden states "
+                f"are its summary vectors. A LoRA (r={config['lora_r']}) trained on the recursive objective is merged "
+                f"into the decoder copy in `decoder/`: the same weights write and read the summaries, as in the "
+                f"public AutoCompressor checkpoints. The final evaluation's `raw` and `none` lines are that merged "
+                f"decoder's; the lines logged during training are the original base model's.")
+    layer = config.get("pool_layer") or "last"
+    if config.get("pooling") == "memory":
+        how = (f"the encoder's hidden states after layer {layer} at {config['n_slots']} learned memory tokens "
+               f"appended to each segment ({shape})")
+    else:
+        how = f"mean of the encoder's hidden states after layer {layer} over windows of {int(ratio)} tokens ({shape})"
+    reader = (f"a LoRA adapter (r={config['reader_r']}) on the decoder, in `reader/`, used with these soft prompts."
+              if config.get("reader") else "the frozen decoder (no reader adapter).")
+    return (f"Soft prompts: {how}, through a learned projection into the decoder's input-embedding space. Encoder: "
+            f"the base model with its own LoRA (r={config['lora_r']}) on the first "
+            f"{config.get('pool_layer') or 'all'} layers. Reader: {reader}")
+
+
 def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dict[str, Any],
                      final_eval: Optional[dict[str, float]], command: str, step: int,
                      wall_hours: Optional[float] = None, extra_notes: str = "") -> Path:
     history = [r for r in eval_history(run_dir) if r["step"] <= step]
-    ratio = config["segment_length"] / config["n_slots"]
     lines = [
         f"# {Path(out_dir).name}",
         "",
-        f"Default compressor for **{base_model}** (lloco-index). Soft prompts: mean of the encoder's hidden states "
-        f"after layer {config.get('pool_layer') or 'last'} over windows of {int(ratio)} tokens "
-        f"({config['segment_length']} tokens -> {config['n_slots']} slots, {ratio:g}x), through a learned projection "
-        f"into the decoder's input-embedding space. Encoder: the base model with its own LoRA "
-        f"(r={config['lora_r']}) on the first {config.get('pool_layer') or 'all'} layers. Reader: "
-        + (f"a LoRA adapter (r={config['reader_r']}) on the decoder, in `reader/`, used with these soft prompts."
-           if config.get("reader") else "the frozen decoder (no reader adapter)."),
+        f"Compressor for **{base_model}** (lloco-index). " + describe_method(config),
         "",
         "## Training",
-        f"- pooling `{config['pooling']}`, "
+        (f"- method `autocompressor`, {config.get('ac_segments')} segments per `ac` example (curriculum "
+         f"{config.get('chunks_curriculum') or 'none'}), " if config.get("method") == "autocompressor"
+         else f"- pooling `{config['pooling']}`, ")
         + (f"all weights initialised from `{config['init_from']}`" if config.get("init_from")
            else f"projection init `{config['init_projection']}`")
         + ", objectives (sampling shares) "
