@@ -288,3 +288,13 @@ def test_ac_objective_needs_the_autocompressor_method(tmp_path):
         config(tmp_path, objectives={"ac": 1.0}).check()
     with pytest.raises(ValueError, match="no --slots-curriculum"):
         ac_config(tmp_path, slots_curriculum=[[0, 2]]).check()
+
+
+def test_model_card_describes_each_method():
+    from lloco_index.training.model_card import describe_method
+
+    base = dict(segment_length=256, n_slots=32, lora_r=16, reader_r=16, reader=True, pool_layer=8)
+    assert "mean of the encoder's hidden states" in describe_method({**base, "pooling": "mean"})
+    assert "learned memory tokens" in describe_method({**base, "pooling": "memory"})
+    text = describe_method({**base, "method": "autocompressor"})
+    assert "AutoCompressor" in text and "merged" in text and "8x" in text
