@@ -258,7 +258,11 @@ def test_autocompressor_training_learns_and_resumes(tmp_path, tokenizer, ac_wind
                       windows=ac_windows, progress=False)
     a, b = trainable_state(full.compressor), trainable_state(second.compressor)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert any(k.startswith("reader.") for k in a) and "embed_summary.weight" in a
+    assert any(k.startswith("writer.") for k in a) and "embed_summary.weight" in a
+    assert not any(k.startswith("reader.") for k in a)  # one LoRA writes and reads: stored once
+    # save_pretrained would drop the LoRA (and keep the base identity): refused, the export merges it.
+    with pytest.raises(ValueError, match="pretrain --export"):
+        full.compressor.save_pretrained(tmp_path / "direct")
 
 
 def test_autocompressor_export_merges_the_lora(tmp_path, tokenizer, ac_windows):

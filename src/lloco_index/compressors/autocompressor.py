@@ -65,6 +65,7 @@ PAPER_SEGMENT_LENGTH = 1536
 PAPER_CHECKPOINT = "princeton-nlp/AutoCompressor-Llama-2-7b-6k"
 
 SUMMARY_KEY = "embed_summary.weight"  # the summary-token embeddings in the public checkpoints
+WRITER_PREFIX = "writer."  # a training-time writer LoRA's tensors in weights()
 READER_ADAPTER = "lloco_reader"  # same name as the ICAE reader, so SoftPromptReader(adapter="auto") finds it
 DECODER_SUBDIR = "decoder"
 CACHE_SUBDIR = "autocompressors"
@@ -270,16 +271,27 @@ class AutoCompressor(BaseCompressor):
     # -------------------------------------------------------- persistence
     def weights(self) -> dict[str, torch.Tensor]:
         # The decoder weights are identified by the backbone identity (derived from the checkpoint
-        # files), not hashed: hashing 13 GB on every load would cost more than the load.
-        return {SUMMARY_KEY: self.embed_summary.weight.detach()}
+        # files), not hashed: hashing 13 GB on every load would cost more than the load. A writer LoRA
+        # (training) changes the summaries, so it is part of the weights (and of the fingerprint).
+        tensors = {SUMMARY_KEY: self.embed_summary.weight.detach()}
+        if self.writer_adapter is not None:
+            tensors.update({f"{WRITER_PREFIX}{k}": v for k, v in self.backbone.adapter_state_dict(self.writer_adapter).items()})
+        return tensors
 
     def load_weights(self, tensors: dict[str, torch.Tensor]) -> None:
         if SUMMARY_KEY not in tensors:
             raise ModelNotFoundError(f"The compressor weights hold no '{SUMMARY_KEY}' (found {sorted(tensors)[:5]}); "
                                      f"re-save the compressor or convert the checkpoint again.")
         self._check_summary_shape(tensors[SUMMARY_KEY])
+        writer = {k[len(WRITER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(WRITER_PREFIX)}
+        if writer and self.writer_adapter is None:
+            raise ValueError("These weights include a writer LoRA, but this AutoCompressor has no writer adapter; "
+                             "load them into the compressor built for training (lloco_index.training), or export "
+                             "the run with `lloco-index pretrain --export`, which merges the LoRA into the decoder.")
         with torch.no_grad():
             self.embed_summary.weight.copy_(tensors[SUMMARY_KEY].float())
+        if writer:
+            self.backbone.set_adapter_state_dict(self.writer_adapter, writer)
         self.invalidate_fingerprint()
 
     def save_pretrained(self, directory: Union[str, Path], *, decoder: str = "copy") -> None:
@@ -292,6 +304,10 @@ class AutoCompressor(BaseCompressor):
         (full fine-tuning) must give the backbone a new identity first, or stores written before
         would be accepted for the changed model.
         """
+        if self.writer_adapter is not None:
+            raise ValueError("This AutoCompressor writes its summaries with a LoRA that save_pretrained would drop; "
+                             "export the training run with `lloco-index pretrain --export RUN_DIR --out DIR`, which "
+                             "merges the LoRA into a decoder copy with its own identity.")
         directory = Path(directory).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         if decoder == "reference":
@@ -692,7 +708,8 @@ def merged_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer) and adapter in module.lora_A:
             key = f"{name}.weight"
-            state[key] = (state[key].float() + module.get_delta_weight(adapter).float()).to(state[key].dtype)
+            # Kept in float32: rounding W + dW back to bf16 would lose most of a small dW.
+            state[key] = state[key].float() + module.get_delta_weight(adapter).float()
     return state
 
 

@@ -287,7 +287,7 @@ def make_optimizer(config: PretrainConfig, compressor: ICAECompressor | AutoComp
 def trainable_state(compressor: ICAECompressor | AutoCompressor) -> dict[str, torch.Tensor]:
     state = {k: v.detach().clone() for k, v in compressor.weights().items()}
     reader = compressor.reader_adapter
-    if reader is not None:
+    if reader is not None and reader != getattr(compressor, "writer_adapter", None):  # an AutoCompressor's is in weights()
         state.update({f"reader.{k}": v.detach().clone() for k, v in compressor.backbone.adapter_state_dict(reader).items()})
     return state
 
@@ -296,6 +296,9 @@ def load_trainable_state(compressor: ICAECompressor | AutoCompressor, state: dic
     compressor.load_weights({k: v for k, v in state.items() if not k.startswith("reader.")})
     reader = {k[len("reader.") :]: v for k, v in state.items() if k.startswith("reader.")}
     if reader:
+        if compressor.reader_adapter is None:
+            raise ValueError("The checkpoint holds reader-adapter weights but this compressor has no reader adapter: "
+                             "build it with the run's own config (reader=True, i.e. without --frozen-decoder).")
         compressor.backbone.set_adapter_state_dict(compressor.reader_adapter, reader)
 
 
@@ -434,7 +437,10 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                 n_scored += n_ac
                 parts.setdefault("ac", []).append(float(ac_loss.detach()))
                 tokens_seen += sum(len(seg) for segments in recursive for seg in segments)
-            loss = loss / max(n_scored, 1)  # token-averaged over every objective in the micro-batch
+            if n_scored == 0:
+                continue  # nothing scorable (e.g. one-token segments): no gradient from this micro-batch
+            # Token-averaged over every objective in the micro-batch (without 'ac' exactly mixed_loss's mean).
+            loss = report.loss if not recursive else loss / n_scored
             (loss / config.grad_accum).backward()
             loss_sum += float(loss.detach()) / config.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
@@ -442,7 +448,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
         scheduler.step()
         compressor.invalidate_fingerprint()
         step += 1
-        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len * n_chunks,
+        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len,
+                  **({"ac_segments": n_chunks} if is_ac else {}),
                   "n_slots": compressor.config.n_slots, "lr": scheduler.get_last_lr()[0],
                   **{f"loss_{k}": sum(v) / len(v) for k, v in parts.items()}, "time": time.time()}
         history.append(record)
@@ -501,7 +508,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
 
 
 def _export_autocompressor(compressor: AutoCompressor, out_dir: Path) -> AutoCompressor:
-    from ..compressors.autocompressor import DECODER_SUBDIR, merged_state_dict, write_decoder_dir
+    from ..compressors.autocompressor import DECODER_SUBDIR, SUMMARY_KEY, merged_state_dict, write_decoder_dir
     from ..compressors.base import tensors_digest
 
     backbone = compressor.backbone
@@ -512,7 +519,7 @@ def _export_autocompressor(compressor: AutoCompressor, out_dir: Path) -> AutoCom
     # The decoder written is not this backbone's: save the config and summary tokens for it, not for ours.
     saved = AutoCompressorConfig(**{**compressor.config.__dict__, "base_model": identity,
                                     "extra": {**compressor.config.extra, "decoder_dir": DECODER_SUBDIR}})
-    _write_compressor_files(out_dir, saved, compressor.weights())
+    _write_compressor_files(out_dir, saved, {SUMMARY_KEY: compressor.embed_summary.weight})
     return AutoCompressor.from_pretrained_directory(out_dir, device=backbone.device)
 
 

@@ -9,6 +9,13 @@ decoder plus one LoRA (:attr:`AutoCompressor.writer_adapter`), trained with the
 summary-token embeddings; :func:`lloco_index.training.pretrain.export_checkpoint`
 merges the LoRA into a decoder copy, the layout of the public checkpoints.
 
+One difference from the reference implementation: there the segments' hidden
+states are joined before the shift, so the first token of segment ``k`` is
+predicted from the last token of segment ``k-1``; here each step is scored on
+its own and that token is predicted from the last summary vector before it (the
+position that precedes it in the sequence the decoder actually reads). Loss
+values are therefore not directly comparable with the paper's.
+
     >>> loss, n = recursive_lm_loss(compressor, [[seg0, seg1], [seg0b, seg1b, seg2b]])
 """
 
