@@ -40,7 +40,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -52,7 +52,7 @@ from .. import defaults
 from ..backbone import Backbone
 from ..errors import ModelNotFoundError, StoreMismatchError
 from ..models import autocast
-from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, atomic_write_bytes
+from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, atomic_write_bytes, tensors_digest
 
 logger = logging.getLogger(__name__)
 
@@ -306,8 +306,8 @@ class AutoCompressor(BaseCompressor):
         """
         if self.writer_adapter is not None:
             raise ValueError("This AutoCompressor writes its summaries with a LoRA that save_pretrained would drop; "
-                             "export the training run with `lloco-index pretrain --export RUN_DIR --out DIR`, which "
-                             "merges the LoRA into a decoder copy with its own identity.")
+                             "export the training run with `lloco-index pretrain --export RUN_DIR --out DIR` (or call "
+                             "save_merged(dir)), which merges the LoRA into a decoder copy with its own identity.")
         directory = Path(directory).resolve()
         directory.mkdir(parents=True, exist_ok=True)
         if decoder == "reference":
@@ -324,6 +324,28 @@ class AutoCompressor(BaseCompressor):
             raise ValueError(f"decoder must be 'copy' or 'reference', got {decoder!r}")
         # Weights, then the JSON last: its presence marks a complete directory.
         super().save_pretrained(directory)
+
+    def save_merged(self, directory: Union[str, Path]) -> str:
+        """Write a compressor trained with a writer LoRA in the public checkpoints' layout; returns the new identity.
+
+        The LoRA is merged into a float32 copy of the decoder (``directory/decoder``) that gets an identity of
+        its own (the base identity + a digest of the trained weights), next to the summary embeddings. Load it
+        back with ``load_compressor(directory)``; ``lloco-index pretrain --export`` calls this.
+        """
+        if self.writer_adapter is None:
+            raise ValueError("save_merged() writes a compressor trained with a writer LoRA; this one has none, so "
+                             "use save_pretrained(dir).")
+        directory = Path(directory)
+        identity = f"autocompressor:{self.backbone.identity}:{tensors_digest(self.weights())[:12]}"
+        write_decoder_dir(self.backbone, directory / DECODER_SUBDIR, identity=identity,
+                          state=merged_state_dict(self.backbone.base_model, self.writer_adapter))
+        config = replace(self.config, base_model=identity,
+                         extra={**self.config.extra, "decoder_dir": DECODER_SUBDIR})
+        # Weights, then the JSON last: its presence marks a complete directory.
+        atomic_save_safetensors({SUMMARY_KEY: self.embed_summary.weight.detach().contiguous()},
+                                directory / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
+        atomic_write_bytes(directory / defaults.COMPRESSOR_CONFIG_NAME, config.to_json().encode())
+        return identity
 
     def _decoder_path(self) -> Optional[Path]:
         if self.source_dir is None:

@@ -508,25 +508,5 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
 
 
 def _export_autocompressor(compressor: AutoCompressor, out_dir: Path) -> AutoCompressor:
-    from ..compressors.autocompressor import DECODER_SUBDIR, SUMMARY_KEY, merged_state_dict, write_decoder_dir
-    from ..compressors.base import tensors_digest
-
-    backbone = compressor.backbone
-    digest = tensors_digest(trainable_state(compressor))[:12]
-    identity = f"autocompressor:{backbone.identity}:{digest}"
-    write_decoder_dir(backbone, out_dir / DECODER_SUBDIR, identity=identity,
-                      state=merged_state_dict(backbone.base_model, compressor.writer_adapter))
-    # The decoder written is not this backbone's: save the config and summary tokens for it, not for ours.
-    saved = AutoCompressorConfig(**{**compressor.config.__dict__, "base_model": identity,
-                                    "extra": {**compressor.config.extra, "decoder_dir": DECODER_SUBDIR}})
-    _write_compressor_files(out_dir, saved, {SUMMARY_KEY: compressor.embed_summary.weight})
-    return AutoCompressor.from_pretrained_directory(out_dir, device=backbone.device)
-
-
-def _write_compressor_files(directory: Path, config: AutoCompressorConfig, tensors: dict[str, torch.Tensor]) -> None:
-    from ..compressors.base import atomic_save_safetensors, atomic_write_bytes
-
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors({k: v.detach().contiguous() for k, v in tensors.items()},
-                            directory / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_bytes(directory / defaults.COMPRESSOR_CONFIG_NAME, config.to_json().encode())  # last: marks complete
+    compressor.save_merged(out_dir)
+    return AutoCompressor.from_pretrained_directory(out_dir, device=compressor.backbone.device)
