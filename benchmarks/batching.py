@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 from lloco_index import defaults
 from lloco_index.backbone import Backbone
+from lloco_index.eval.runner import machine_info
 from lloco_index.generation import SoftPromptReader
 from lloco_index.placeholders import make_placeholder
 from lloco_index.store import SoftPromptStore
@@ -62,15 +62,7 @@ def load_compressor_for_bench(backbone: Backbone, compressor_dir: str | None):
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
-    try:
-        info["loadavg_1m_at_start"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    return machine_info()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -32,7 +32,7 @@ from lloco_index.backbone import Backbone
 from lloco_index.eval import datasets as ds
 from lloco_index.eval.retrieval import chunk_by_tokens
 from lloco_index.eval.runner import default_compressor_specs, machine_info, resolve_compressors
-from lloco_index.models import autocast
+from lloco_index.precision import autocast
 from lloco_index.store import SoftPromptStore
 
 

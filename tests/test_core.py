@@ -18,7 +18,7 @@ from lloco_index.errors import (
     UnknownPlaceholderError,
 )
 from lloco_index.generation import SoftPromptReader
-from lloco_index.models import generation_autocast
+from lloco_index.precision import generation_autocast
 from lloco_index.placeholders import SoftPromptRef, find_ids, make_placeholder, split_prompt
 from lloco_index.store import SoftPromptStore
 

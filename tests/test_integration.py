@@ -10,7 +10,7 @@ from llama_index.core import Document
 
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.llamaindex import LLoCOLLM, LLoCOQueryEngine, build_index, default_embed_model, load_index
-from lloco_index.models import generation_autocast
+from lloco_index.precision import generation_autocast
 
 pytestmark = pytest.mark.integration
 

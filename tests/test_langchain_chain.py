@@ -294,7 +294,7 @@ def test_empty_documents_are_skipped_with_a_warning_or_refused():
 def test_chain_on_smollm2_with_identity_compressor_equals_plain_model(smollm2, tmp_path):
     """Through the whole LangChain path, identity soft prompts give the plain model's greedy answer."""
     from lloco_index.compressors import TokenEmbeddingCompressor
-    from lloco_index.models import generation_autocast
+    from lloco_index.precision import generation_autocast
 
     compressor = TokenEmbeddingCompressor(smollm2)
     retriever = LLoCOLangChainRetriever.from_texts(CORPUS, compressor, tmp_path, METADATAS, k=2)

@@ -38,6 +38,8 @@ from .errors import (
 )
 from .generation import SoftPromptReader
 from .placeholders import make_placeholder, split_prompt
+from .precision import describe as describe_precision
+from .precision import set_precision
 from .store import SoftPromptStore
 
 __version__ = "0.1.0"
@@ -81,8 +83,10 @@ __all__ = [
     "StoreMismatchError",
     "TokenEmbeddingCompressor",
     "UnknownPlaceholderError",
+    "describe_precision",
     "load_compressor",
     "make_placeholder",
+    "set_precision",
     "split_prompt",
     *_LAZY,
 ]

@@ -45,6 +45,13 @@ def _query(args: argparse.Namespace) -> None:
               f"({store.num_positions(n.node.metadata[ID_KEY])} positions): {n.node.text[:80]!r}...")
 
 
+def _precision(args: argparse.Namespace) -> None:
+    from .models import select_device
+    from .precision import describe
+
+    print(describe(select_device()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lloco-index", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -83,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                   "add_pretrain_arguments", "run_pretrain")
     _add_subcommand(sub, "finetune", "finetune a LoRA adapter from an index (lloco_index.finetune)",
                   "lloco_index.finetune.cli", "add_finetune_arguments", "run_finetune")
+    p = sub.add_parser("precision", help="print the compute precision this machine uses, and why")
+    p.set_defaults(func=_precision)
+    for p in sub.choices.values():
+        p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                       help=f"compute precision (default: ${defaults.DTYPE_ENV} or auto: bf16 autocast only on CPUs "
+                            f"with AMX/AVX512-BF16 and on GPUs; see `lloco-index precision`)")
     return parser
 
 
@@ -100,6 +113,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from .precision import set_precision
+
+    set_precision(args.dtype)
     try:
         args.func(args)
     except LLoCOError as exc:

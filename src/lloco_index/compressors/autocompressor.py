@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from .. import defaults
 from ..backbone import Backbone
 from ..errors import ModelNotFoundError, StoreMismatchError
-from ..models import autocast
+from ..precision import autocast
 from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, atomic_write_bytes, tensors_digest
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
-from ..models import autocast
+from ..precision import autocast
 from .base import BaseCompressor, CompressorConfig
 from .projection import SoftPromptProjection
 

@@ -185,8 +185,16 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
+    try:
+        info["loadavg_1m_at_start"] = os.getloadavg()[0]
+    except OSError:
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from ..models import select_device
+    from ..precision import machine_block
+
+    info.update(machine_block(select_device()))
     return info
 
 

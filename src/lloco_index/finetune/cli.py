@@ -43,7 +43,7 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
     parser.add_argument("--max-target-tokens", type=int, default=d.max_target_tokens)
     parser.add_argument("--no-reader-init", action="store_true", help="start from a fresh LoRA, not the shipped reader")
-    parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--no-bf16", action="store_true", help="same as --dtype float32")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--stop-after-steps", type=int, default=None, help="stop (resumably) after N steps this run")
     parser.add_argument("--overwrite", action="store_true", help="discard a previous run's checkpoints")
@@ -56,7 +56,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, learning_rate=args.lr, epochs=args.epochs,
         micro_batch_size=args.micro_batch_size, grad_accum_steps=args.grad_accum, val_fraction=args.val_fraction,
         patience=args.patience, eval_every=args.eval_every, max_target_tokens=args.max_target_tokens,
-        init_from_reader=not args.no_reader_init, bf16=not args.no_bf16, seed=args.seed,
+        init_from_reader=not args.no_reader_init, seed=args.seed,
+        dtype="float32" if args.no_bf16 else (getattr(args, "dtype", None) or "auto"),
         instruction_ratio=args.instruction_ratio)
 
 

@@ -52,7 +52,7 @@ class FinetuneConfig:
     micro_batch_size: int = 1
     grad_accum_steps: int = 8
     max_grad_norm: float = 1.0
-    bf16: bool = True  # bf16 autocast where the hardware has it (CPUs with AVX512-BF16/AMX, Ampere+ GPUs)
+    dtype: str = "auto"  # compute precision: "auto" (lloco_index.precision decides), "float32", "bfloat16"
 
     # --- data
     val_fraction: float = 0.1
@@ -73,6 +73,9 @@ class FinetuneConfig:
         for name in ("epochs", "micro_batch_size", "grad_accum_steps", "lora_r", "max_target_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        from ..precision import normalise
+
+        self.dtype = normalise(self.dtype)
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -86,10 +89,13 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "bf16" in data and "dtype" not in data:  # configs written before the precision policy
+            known["dtype"] = "auto" if data["bf16"] else "float32"
         return cls(**known)
 
     def training_hash(self, exclude: Optional[set[str]] = None) -> str:
         """Hash of the fields that change the result (not how often it is checkpointed)."""
-        skip = {"checkpoint_every"} | (exclude or set())
+        # Precision is how, not what: a run started in bf16 resumes in float32 on a CPU without bf16 hardware.
+        skip = {"checkpoint_every", "dtype"} | (exclude or set())
         data = {k: v for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -37,7 +37,7 @@ from ..adapters import write_adapter_metadata
 from ..compressors.base import atomic_write_bytes
 from ..errors import ContextBudgetError, LLoCOError
 from ..generation import SoftPromptReader
-from ..models import autocast
+from ..precision import autocast
 from .checkpoint import CheckpointDir
 from .config import FinetuneConfig
 from .data import Message, TrainExample, examples_hash
@@ -251,7 +251,7 @@ class LoRAFinetuner:
         return _Encoded(embeds, labels)
 
     def _autocast(self):
-        return autocast(self.backbone.device) if self.config.bf16 else contextlib.nullcontext()
+        return autocast(self.backbone.device, self.config.dtype)
 
     def _loss_sum(self, examples: Sequence[TrainExample], adapter: Optional[str]) -> tuple[torch.Tensor, int, int]:
         """Summed answer-token cross-entropy over a micro-batch, its answer tokens and its positions."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from ..models import generation_autocast
+from ..precision import generation_autocast
 
 if TYPE_CHECKING:  # pragma: no cover - import cycle guard (generation imports this module lazily)
     from ..generation import GenerationResult, Message, PreparedPrompt, SoftPromptReader

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
-from ..models import autocast
+from ..precision import autocast
 from .data import QAExample, load_squad_qa, write_qa_jsonl
 from .objectives import PromptBuilder
 

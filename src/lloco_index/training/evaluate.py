@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..eval.metrics import exact_match, f1_score
-from ..models import generation_autocast
+from ..precision import generation_autocast
 from .data import QAExample, Window, load_documents, make_windows, tokenize_documents
 from .objectives import Example, PromptBuilder, build_decoder_batch, decoder_logits, per_example_scores
 

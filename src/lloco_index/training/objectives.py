@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..models import autocast
+from ..precision import autocast
 from .data import QAExample, Window
 
 OBJECTIVES = ("ae", "lm", "kl", "qa", "ac")
