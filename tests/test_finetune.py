@@ -142,7 +142,8 @@ def test_examples_are_the_query_time_llm_call(corpus, qa_file, tmp_path):
         dispatcher.event_handlers.remove(handler)
     assert len(handler.messages) == 1
     assert [(m["role"], m["content"]) for m in example.messages] == handler.messages[0]
-    assert len(find_ids(example.messages[-1]["content"])) == 2  # both retrieved chunks, as placeholders
+    # Two retrieved chunks: the best expanded to its text (the default expand_top_k=1), the other a placeholder.
+    assert len(find_ids(example.messages[-1]["content"])) == 1
     assert example.target == "Ada Quill" and example.meta["target_source"] == "gold"
 
 

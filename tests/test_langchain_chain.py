@@ -42,7 +42,8 @@ def rag_chain(retriever, llm, docs_formatter=format_docs):
 @pytest.fixture(scope="module")
 def persisted(tmp_path_factory) -> tuple[Path, LLoCOLangChainRetriever]:
     persist_dir = tmp_path_factory.mktemp("lc-store")
-    retriever = LLoCOLangChainRetriever.from_texts(CORPUS, tiny_compressor(), persist_dir, METADATAS, k=3)
+    # expand_top_k=0: these tests read soft prompts only (expansion has its own test below).
+    retriever = LLoCOLangChainRetriever.from_texts(CORPUS, tiny_compressor(), persist_dir, METADATAS, k=3, expand_top_k=0)
     return persist_dir, retriever
 
 
@@ -212,7 +213,7 @@ def test_default_falls_back_to_identity_compressor_with_a_warning(monkeypatch):
 
 # ------------------------------------------------------------------------ retriever
 def test_documents_carry_placeholder_and_metadata_in_reading_order():
-    retriever = LLoCOLangChainRetriever(index=tiny_chunk_index(), k=3)
+    retriever = LLoCOLangChainRetriever(index=tiny_chunk_index(), k=3, expand_top_k=0)
     docs = retriever.invoke(QUESTION)
     assert len(docs) == 3
     for doc in docs:
@@ -316,3 +317,15 @@ def test_chain_on_smollm2_with_identity_compressor_equals_plain_model(smollm2, t
                                           eos_token_id=tokenizer.eos_token_id)
     plain = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()
     assert answer == plain and answer
+
+
+def test_expanded_chunks_come_back_as_text_in_reading_order():
+    retriever = LLoCOLangChainRetriever(index=tiny_chunk_index(), k=3, expand_top_k=1)
+    docs = retriever.invoke("Who kept the lighthouse?")
+    expanded = [d for d in docs if d.metadata["lloco_expanded"]]
+    assert len(expanded) == 1 and expanded[0].page_content == expanded[0].metadata["lloco_text"]
+    assert all(d.page_content == f"<|lloco:{d.metadata['lloco_id']}|>" for d in docs if d not in expanded)
+    best = max(docs, key=lambda d: d.metadata["lloco_score"])
+    assert best is expanded[0]  # the score policy expands the best hit
+    assert [d.page_content for d in retriever.invoke("Who kept the lighthouse?", expand_top_k=0)] == [
+        f"<|lloco:{d.metadata['lloco_id']}|>" for d in docs]

@@ -81,7 +81,7 @@ def test_retriever_dedupes_budgets_and_orders():
         _nws("n5", "p5", "docA", 0, 0.5),
         _nws("n6", "p6", "docC", 0, 0.4),  # over budget
     ]
-    retriever = LLoCORetriever(retriever=None, store=None, position_budget=32)
+    retriever = LLoCORetriever(retriever=None, store=None, position_budget=32, expand_top_k=0)
     kept = retriever.select(results)
     assert [r.node.node_id for r in kept] == ["n4", "n1", "n5", "n2"]  # best document first, reading order inside
 
@@ -115,7 +115,8 @@ def test_every_retrieved_soft_prompt_is_delivered_exactly_once(built_index, mode
     window = 260 if mode != "simple_summarize" else 1024
     llm = LLoCOLLM(compressor, store, max_new_tokens=2, context_window=window)
     seen = _spy_soft_prompts(llm)
-    engine = LLoCOQueryEngine.from_index(index, llm, response_mode=mode, similarity_top_k=12, position_budget=96)
+    engine = LLoCOQueryEngine.from_index(index, llm, response_mode=mode, similarity_top_k=12, position_budget=96,
+                                         expand_top_k=0)
     response = engine.query("What do bees make?")
     retrieved = [n.node.metadata[ID_KEY] for n in response.source_nodes]
     assert 0 < sum(store.num_positions(i) for i in retrieved) <= 96
@@ -150,3 +151,42 @@ def test_llm_chat_stream_and_counting(compressor, tmp_path):
     assert streamed[-1].text == full.text
     chat = llm.chat([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=prompt)])
     assert isinstance(chat.message.content, str)
+
+
+def test_retriever_expands_the_best_chunk_to_its_text_in_a_copy():
+    from llama_index.core.schema import MetadataMode
+
+    results = [_nws("n1", "p1", "docB", 3, 0.9), _nws("n2", "p2", "docA", 5, 0.8), _nws("n3", "p3", "docB", 1, 0.6)]
+    retriever = LLoCORetriever(retriever=None, store=None, position_budget=None, expand_top_k=1,
+                               text_positions=lambda text: 3)
+    before = results[0].node.get_content(MetadataMode.LLM)
+    kept = retriever.select(results)
+    views = {r.node.node_id: r.node.get_content(MetadataMode.LLM) for r in kept}
+    assert views == {"n1": "text n1", "n2": "<|lloco:p2|>", "n3": "<|lloco:p3|>"}
+    assert [r.node.node_id for r in kept] == ["n3", "n1", "n2"]
+    assert results[0].node.get_content(MetadataMode.LLM) == before  # the retriever's own node is untouched
+    assert [r.node.metadata["lloco_expanded"] for r in kept] == [False, True, False]
+    # A per-call override (what the finetune data builder uses for its mixes).
+    assert all(r.node.get_content(MetadataMode.LLM).startswith("<|") for r in retriever.select(results, expand_top_k=0))
+
+
+def test_query_engine_sends_the_expanded_text_and_the_other_soft_prompts(built_index):
+    compressor, index, store = built_index
+    llm = LLoCOLLM(compressor, store, max_new_tokens=4)
+    seen = _spy_soft_prompts(llm)
+    prompts: list[str] = []
+    original = llm.reader.prepare
+
+    def prepare(messages, **kwargs):
+        prompts.append(llm.reader.render(messages))
+        return original(messages, **kwargs)
+
+    llm.reader.prepare = prepare
+    engine = LLoCOQueryEngine.from_index(index, llm, similarity_top_k=3, expand_top_k=1)
+    response = engine.query("What do bees make?")
+    expanded = [n for n in response.source_nodes if n.node.metadata.get("lloco_expanded")]
+    soft = [n for n in response.source_nodes if not n.node.metadata.get("lloco_expanded")]
+    assert len(expanded) == 1 and len(soft) == len(response.source_nodes) - 1
+    assert expanded[0].node.text.strip() in "".join(prompts)  # the text itself, not its placeholder
+    assert expanded[0].node.metadata["lloco_id"] not in seen
+    assert {n.node.metadata["lloco_id"] for n in soft} <= set(seen)

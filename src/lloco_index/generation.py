@@ -288,3 +288,20 @@ class SoftPromptReader:
                 scores.append(float(logp.mean()))
                 cache.crop(-len(ids))  # back to the prompt alone for the next option
         return scores
+
+    def question_loglik(self, question: str, prompt_id: str, *, adapter: Optional[str] = AUTO) -> float:
+        """Mean log-likelihood of ``question``'s tokens right after one soft prompt (no template).
+
+        How well a compressed chunk predicts the question: the query-aware ranking of
+        :func:`lloco_index.selection.likelihood_scores`. One forward pass of the soft prompt plus the question.
+        """
+        table = self.backbone.embedding_table()
+        ids = self.text_ids(" " + question.strip())
+        if not ids:
+            return float("-inf")
+        soft = self._store().get(prompt_id).to(device=table.weight.device, dtype=table.weight.dtype)
+        ids_t = torch.tensor(ids, dtype=torch.long, device=table.weight.device)
+        with torch.inference_mode(), self.backbone.using(self.resolve_adapter(adapter)) as model, generation_autocast(self.backbone.device):
+            embeds = torch.cat([soft, table(ids_t)], 0).unsqueeze(0)
+            logits = model(inputs_embeds=embeds).logits[0, soft.shape[0] - 1:-1].float()
+            return float(torch.log_softmax(logits, -1).gather(-1, ids_t.unsqueeze(-1)).mean())

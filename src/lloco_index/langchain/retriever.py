@@ -1,7 +1,8 @@
 """LLoCOLangChainRetriever: a LangChain retriever that returns soft-prompt placeholders.
 
 Each returned ``Document`` has the placeholder ``<|lloco:ID|>`` as its
-``page_content`` (so the standard ``format_docs`` + prompt template put the
+``page_content`` -- or, for the ``expand_top_k`` best chunks (selective
+expansion, :mod:`lloco_index.selection`), the chunk's text -- (so the standard ``format_docs`` + prompt template put the
 placeholder into the prompt, and :class:`~lloco_index.langchain.ChatLLoCO`
 splices the soft prompt in its place) and keeps everything else in metadata:
 
@@ -12,6 +13,7 @@ splices the soft prompt in its place) and keeps everything else in metadata:
 ``lloco_chunk``     the chunk's position in that document (reading order)
 ``lloco_positions`` decoder positions the soft prompt takes
 ``lloco_score``     cosine similarity to the query
+``lloco_expanded``  True when the selection policy put the chunk in as its text
 ``source`` ...      the document's own metadata, unchanged
 =================== ==========================================================
 
@@ -30,16 +32,10 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, model_validator
 
 from .. import defaults
+from ..keys import CHUNK_KEY, DOC_KEY, EXPANDED_KEY, ID_KEY, POSITIONS_KEY, SCORE_KEY, TEXT_KEY
 from ..placeholders import make_placeholder
 from ..store import SoftPromptStore
 from .search import ChunkIndex, OnEmpty, SearchHit
-
-TEXT_KEY = "lloco_text"
-ID_KEY = "lloco_id"  # same key names as lloco_index.llamaindex.node_keys
-DOC_KEY = "lloco_doc_id"
-CHUNK_KEY = "lloco_chunk"
-POSITIONS_KEY = "lloco_positions"
-SCORE_KEY = "lloco_score"
 
 
 class LLoCOLangChainRetriever(BaseRetriever):
@@ -61,8 +57,8 @@ class LLoCOLangChainRetriever(BaseRetriever):
     >>> chain = ({"context": retriever | format_docs, "question": RunnablePassthrough()}
     ...          | prompt | ChatLLoCO.from_retriever(retriever) | StrOutputParser())
 
-    ``k`` and ``position_budget`` can also be given per call:
-    ``retriever.invoke(q, k=2, position_budget=256)``.
+    ``k``, ``position_budget`` and ``expand_top_k`` can also be given per call:
+    ``retriever.invoke(q, k=2, position_budget=256, expand_top_k=0)``.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -76,6 +72,10 @@ class LLoCOLangChainRetriever(BaseRetriever):
     position_budget: Optional[int] = Field(default=defaults.DEFAULT_POSITION_BUDGET, ge=0,
                                            description="Most soft-prompt positions returned per query (None: no limit).")
     fetch_k: Optional[int] = Field(default=None, ge=1, description="Candidates searched before dedupe/budget (default max(4k, k+8)).")
+    expand_top_k: int = Field(default=defaults.DEFAULT_EXPAND_TOP_K, ge=0,
+                              description="Best chunks returned as their text instead of a placeholder (0: soft prompts only).")
+    text_budget: Optional[int] = Field(default=defaults.DEFAULT_TEXT_BUDGET, ge=0,
+                                       description="Most decoder positions of expanded text per query (None: no limit).")
 
     @model_validator(mode="after")
     def _open_index(self) -> "LLoCOLangChainRetriever":
@@ -134,10 +134,13 @@ class LLoCOLangChainRetriever(BaseRetriever):
 
     # -------------------------------------------------------------- retrieval
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
-                                k: Optional[int] = None, position_budget: Optional[int] = -1) -> list[Document]:
+                                k: Optional[int] = None, position_budget: Optional[int] = -1,
+                                expand_top_k: Optional[int] = None) -> list[Document]:
         assert self.index is not None
         budget = self.position_budget if position_budget == -1 else position_budget  # -1: not given (None means no limit)
-        hits = self.index.search(query, self.k if k is None else k, position_budget=budget, fetch_k=self.fetch_k)
+        hits = self.index.search(query, self.k if k is None else k, position_budget=budget, fetch_k=self.fetch_k,
+                                 expand_top_k=self.expand_top_k if expand_top_k is None else expand_top_k,
+                                 text_budget=self.text_budget)
         return [self._document(hit) for hit in hits]
 
     @staticmethod
@@ -151,6 +154,7 @@ class LLoCOLangChainRetriever(BaseRetriever):
             CHUNK_KEY: record.chunk,
             POSITIONS_KEY: record.positions,
             SCORE_KEY: hit.score,
+            EXPANDED_KEY: hit.expanded,
         })
-        return Document(id=f"{record.doc_id}#{record.chunk}", page_content=make_placeholder(record.soft_prompt_id),
-                        metadata=metadata)
+        content = record.text if hit.expanded else make_placeholder(record.soft_prompt_id)
+        return Document(id=f"{record.doc_id}#{record.chunk}", page_content=content, metadata=metadata)

@@ -41,6 +41,7 @@ from .. import defaults
 from ..chunking import chunk_text
 from ..compressors.base import atomic_write_bytes
 from ..errors import CorruptStoreError, EmptyDocumentError, StoreMismatchError
+from ..selection import Candidate, SelectionConfig, select
 from ..store import SoftPromptStore
 from ..vectors import DenseIndex, Embedder, as_embedder
 from .. import manifest
@@ -66,12 +67,17 @@ class ChunkRecord:
     start_char: int = 0
     end_char: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)  # the document's own metadata
+    text_positions: int = 0  # decoder positions of the text (0: not recorded; estimated from its length)
+
+    def text_cost(self) -> int:
+        return self.text_positions or len(self.text) // 4 + 1
 
 
 @dataclass
 class SearchHit:
     record: ChunkRecord
     score: float
+    expanded: bool = False  # the selection policy put this chunk in as its text
 
 
 def _doc_id(text: str, metadata: dict[str, Any], explicit: Optional[str]) -> str:
@@ -82,34 +88,15 @@ def _doc_id(text: str, metadata: dict[str, Any], explicit: Optional[str]) -> str
     return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def select_chunks(hits: Iterable[SearchHit], k: int, position_budget: Optional[int]) -> list[SearchHit]:
-    """The retrieval policy, without the search: dedupe, fit the budget, order for reading.
-
-    * one hit per soft-prompt id (the same chunk ingested twice is read once);
-    * best-scoring first, a hit is kept when its soft prompt still fits
-      ``position_budget`` (its real cost in decoder positions, not its text
-      length), until ``k`` are kept;
-    * the kept chunks are ordered document by document (best document first)
-      and, inside a document, in reading order, as LLoCO feeds its summaries.
-    """
-    seen: set[str] = set()
-    kept: list[SearchHit] = []
-    used = 0
-    for hit in sorted(hits, key=lambda h: -h.score):
-        if len(kept) >= k:
-            break
-        if hit.record.soft_prompt_id in seen:
-            continue
-        seen.add(hit.record.soft_prompt_id)
-        if position_budget is not None and used + hit.record.positions > position_budget:
-            continue  # a smaller chunk further down may still fit
-        kept.append(hit)
-        used += hit.record.positions
-    doc_rank: dict[str, int] = {}
-    for hit in kept:  # best-first, so the first sighting is the document's best score
-        doc_rank.setdefault(hit.record.doc_id, len(doc_rank))
-    kept.sort(key=lambda h: (doc_rank[h.record.doc_id], h.record.chunk))
-    return kept
+def select_chunks(hits: Iterable[SearchHit], config: SelectionConfig, store: Optional[SoftPromptStore] = None,
+                  expansion_scores: Optional[Sequence[float]] = None) -> list[SearchHit]:
+    """:func:`lloco_index.selection.select` on search hits: dedupe, expand, fit the budget, reading order."""
+    candidates = [Candidate(id=h.record.soft_prompt_id, doc_id=h.record.doc_id, chunk=h.record.chunk, score=h.score,
+                            soft_positions=h.record.positions if store is None or h.record.soft_prompt_id in store else None,
+                            text_positions=h.record.text_cost() if h.record.text.strip() else None, item=h)
+                  for h in hits]
+    return [SearchHit(s.candidate.item.record, s.candidate.item.score, s.expanded)
+            for s in select(candidates, config, expansion_scores=expansion_scores)]
 
 
 # ---------------------------------------------------------------------- index
@@ -252,7 +239,8 @@ class ChunkIndex:
                     continue
                 self._keys.add(key)
                 fresh.append(ChunkRecord(prompt_id, chunk.text, doc_id, i, self.store.num_positions(prompt_id),
-                                         chunk.start_char, chunk.end_char, metadata))
+                                         chunk.start_char, chunk.end_char, metadata,
+                                         text_positions=len(self.compressor.backbone.tokenize(chunk.text))))
             if fresh:
                 vectors = self.embedder.embed_documents([r.text for r in fresh], progress=progress)
                 self._embeddings = vectors if not self.records else np.concatenate([self._embeddings, vectors])
@@ -308,8 +296,14 @@ class ChunkIndex:
             return self._dense
 
     def search(self, query: str, k: int = defaults.DEFAULT_TOP_K, *, position_budget: Optional[int] = defaults.DEFAULT_POSITION_BUDGET,
-               fetch_k: Optional[int] = None) -> list[SearchHit]:
-        """The ``k`` best chunks for ``query`` after :func:`select_chunks` (dedupe, budget, reading order)."""
+               fetch_k: Optional[int] = None, expand_top_k: int = 0,
+               text_budget: Optional[int] = defaults.DEFAULT_TEXT_BUDGET) -> list[SearchHit]:
+        """The ``k`` best chunks for ``query`` after :func:`select_chunks` (dedupe, expand, budget, reading order).
+
+        ``expand_top_k`` of them come back with ``expanded=True`` (read as text, see :mod:`lloco_index.selection`).
+        """
+        config = SelectionConfig(top_k=k, position_budget=position_budget, expand_top_k=expand_top_k,
+                                 text_budget=text_budget)
         if k <= 0 or not self.records:
             return []
         index = self._index()
@@ -319,7 +313,7 @@ class ChunkIndex:
             # Fetch more than k: duplicates and chunks over budget are dropped after the search.
             rows, scores = index.search(query_vector, n)
             hits = [SearchHit(self.records[i], s) for i, s in zip(rows, scores)]
-            selected = select_chunks(hits, k, position_budget)
+            selected = select_chunks(hits, config, self.store)
             if len(selected) >= k or n >= len(self.records):
                 return selected
             n = min(len(self.records), 2 * n)

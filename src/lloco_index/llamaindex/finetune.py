@@ -138,6 +138,9 @@ class LLoCOFinetuneEngine:
         num_questions_per_chunk, max_question_nodes: question generation size.
         teacher: ``"self"`` (default: the decoder reading the full text) or a LlamaIndex LLM that answers
             questions that have no answer, from the same contexts in plain text.
+        expansion_mix: ``expand_top_k`` values cycled over the retrieved examples (e.g. ``(0, 1, 2, 4)``), so the
+            adapter learns to read every mix of text and soft prompts the selection policy can produce; default:
+            the retriever's own setting for every example (what queries see).
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class LLoCOFinetuneEngine:
         num_questions_per_chunk: int = 2,
         max_question_nodes: Optional[int] = None,
         teacher: Any = "self",
+        expansion_mix: Optional[Sequence[int]] = None,
         show_progress: bool = True,
         **config_overrides: Any,
     ):
@@ -180,6 +184,9 @@ class LLoCOFinetuneEngine:
         self.num_questions_per_chunk = num_questions_per_chunk
         self.max_question_nodes = max_question_nodes
         self.teacher = teacher
+        self.expansion_mix = list(expansion_mix) if expansion_mix is not None else None
+        if self.expansion_mix is not None and (not self.expansion_mix or min(self.expansion_mix) < 0):
+            raise ValueError(f"expansion_mix must list expand_top_k values >= 0, got {expansion_mix!r}.")
         self.show_progress = show_progress
         self.similarity_top_k = similarity_top_k
         self.position_budget = position_budget
@@ -240,8 +247,13 @@ class LLoCOFinetuneEngine:
         prompt = synth._text_qa_template.partial_format(query_str=question)
         return self.llm._messages(self.llm._get_messages(prompt, context_str=first))
 
-    def retrieve_contexts(self, question: str) -> list[Context]:
-        nodes = self.retriever.retrieve(QueryBundle(question))
+    def retrieve_contexts(self, question: str, expand_top_k: Optional[int] = None) -> list[Context]:
+        """The contexts a query for ``question`` reads (with ``expand_top_k`` instead of the retriever's own)."""
+        if expand_top_k is None or not isinstance(self.retriever, LLoCORetriever):
+            nodes = self.retriever.retrieve(QueryBundle(question))
+        else:
+            nodes = self.retriever.select(self.retriever.retriever.retrieve(QueryBundle(question)), question,
+                                          expand_top_k=expand_top_k)
         return [Context(n.node.get_content(metadata_mode=MetadataMode.LLM), _node_text(n.node), n.node.node_id)
                 for n in nodes]
 
@@ -276,6 +288,10 @@ class LLoCOFinetuneEngine:
     def _contexts_for(self, example: QAExample) -> list[Context]:
         if self.use_gold_contexts and example.contexts:
             return self.gold_contexts(example.contexts)
+        if self.expansion_mix:
+            # A stable pick per question, so rebuilding the examples gives the same data.
+            pick = int(hashlib.sha256(example.id.encode()).hexdigest(), 16) % len(self.expansion_mix)
+            return self.retrieve_contexts(example.question, self.expansion_mix[pick])
         return self.retrieve_contexts(example.question)
 
     # ----------------------------------------------------------- data
@@ -309,7 +325,9 @@ class LLoCOFinetuneEngine:
             "budget": self.position_budget, "gold": self.use_gold_contexts, "val": cfg.val_fraction,
             "max_val": cfg.max_val_examples, "seed": cfg.seed, "instr": cfg.instruction_ratio,
             "teacher": self.teacher if isinstance(self.teacher, str) else type(self.teacher).__name__,
-            "system": self.llm.system_prompt, "max_target": cfg.max_target_tokens}, sort_keys=True).encode())
+            "system": self.llm.system_prompt, "max_target": cfg.max_target_tokens,
+            "selection": getattr(self.retriever, "selection", None).__dict__ if hasattr(self.retriever, "selection") else None,
+            "expansion_mix": self.expansion_mix}, sort_keys=True).encode())
         return h.hexdigest()[:16]
 
     def build_examples(self) -> tuple[list[TrainExample], list[TrainExample]]:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from llama_index.core.schema import BaseNode, TextNode
 
-SOFT_PROMPT_KEY = "lloco_soft_prompt"  # the placeholder "<|lloco:ID|>"
-ID_KEY = "lloco_id"
-POSITIONS_KEY = "lloco_positions"
-CHUNK_KEY = "lloco_chunk"  # position of the chunk within its document
-DOC_KEY = "lloco_doc_id"
-FINGERPRINT_KEY = "lloco_fingerprint"
-LLOCO_KEYS = (SOFT_PROMPT_KEY, ID_KEY, POSITIONS_KEY, CHUNK_KEY, DOC_KEY, FINGERPRINT_KEY)
+from ..keys import (  # noqa: F401  (the adapter's modules import the keys from here)
+    CHUNK_KEY,
+    DOC_KEY,
+    EXPANDED_KEY,
+    FINGERPRINT_KEY,
+    ID_KEY,
+    LLOCO_KEYS,
+    POSITIONS_KEY,
+    SOFT_PROMPT_KEY,
+)
 
 
 def is_compressed(node: BaseNode) -> bool:
@@ -31,4 +34,13 @@ def apply_placeholder_view(node: TextNode) -> TextNode:
     node.excluded_llm_metadata_keys = [k for k in keys if k != SOFT_PROMPT_KEY]
     node.metadata_template = "{value}"
     node.text_template = "{metadata_str}"
+    return node
+
+
+def apply_text_view(node: TextNode) -> TextNode:
+    """Make the LLM see the chunk's text instead of its placeholder (an expanded chunk; idempotent)."""
+    node.excluded_llm_metadata_keys = list(node.metadata)
+    node.excluded_embed_metadata_keys = list(node.metadata)
+    node.metadata_template = "{key}: {value}"
+    node.text_template = "{metadata_str}\n\n{content}"
     return node

@@ -18,6 +18,9 @@ class LLoCOQueryEngine(RetrieverQueryEngine):
     >>> engine = LLoCOQueryEngine.from_index(index, llm, response_mode="compact", similarity_top_k=4)
     >>> engine.query("Who built the first lighthouse?")
 
+    ``expand_top_k`` chunks (default 1) reach the LLM as their text, the rest as soft prompts
+    (:mod:`lloco_index.selection`); ``expand_top_k=0`` reads soft prompts only.
+
     ``index.as_query_engine(llm=llm)`` also runs, but LlamaIndex then counts a
     placeholder as ~10 tokens and ignores a ``prompt_helper`` argument; this
     entry point passes an :class:`LLoCOPromptHelper` to the synthesizer and an
@@ -33,6 +36,9 @@ class LLoCOQueryEngine(RetrieverQueryEngine):
         response_mode: str = "compact",
         similarity_top_k: int = defaults.DEFAULT_TOP_K,
         position_budget: Optional[int] = None,
+        expand_top_k: int = defaults.DEFAULT_EXPAND_TOP_K,
+        text_budget: Optional[int] = defaults.DEFAULT_TEXT_BUDGET,
+        policy: str = defaults.DEFAULT_EXPANSION_POLICY,
         streaming: bool = False,
         **synth_kwargs: Any,
     ) -> "LLoCOQueryEngine":
@@ -40,7 +46,9 @@ class LLoCOQueryEngine(RetrieverQueryEngine):
         if position_budget is None:
             position_budget = min(defaults.DEFAULT_POSITION_BUDGET, llm.metadata.context_window // 2)
         retriever = LLoCORetriever.from_index(index, llm.store, similarity_top_k=similarity_top_k,
-                                              position_budget=position_budget, text_positions=llm.count_positions)
+                                              position_budget=position_budget, expand_top_k=expand_top_k,
+                                              text_budget=text_budget, policy=policy,
+                                              text_positions=llm.count_positions, reader=llm.reader)
         synthesizer = get_response_synthesizer(llm=llm, prompt_helper=helper, response_mode=response_mode,
                                                streaming=streaming, **synth_kwargs)
         return cls(retriever=retriever, response_synthesizer=synthesizer)
