@@ -236,3 +236,25 @@ def test_quick_suite_smoke_on_tiny_model(tmp_path, tiny_backbone, monkeypatch):
     assert sum(1 for r in read_records(again["results"]) if r["type"] == "question") == len(questions)
 
 
+
+
+def test_hybrid_system_expands_the_best_chunk_and_keeps_reading_order(tmp_path, tiny_backbone, monkeypatch):
+    from lloco_index.eval.report import read_records
+    from lloco_index.eval.retrieval import load_embedder
+    from lloco_index.eval.runner import SuiteSpec, run_benchmark
+
+    monkeypatch.setenv("LLMLINGUA_VENV", str(tmp_path / "no-such-venv"))
+    root = _write_fixtures(tmp_path / "data")
+    suite = SuiteSpec(squad=dict(max_documents=0, max_questions=0), quality=dict(max_documents=0, max_questions=0),
+                      needle=dict(lengths=[1500], depths=[0.5]), max_new_tokens=4)
+    summary = run_benchmark(suite, data_dir=root, out_dir=tmp_path / "out", compressors=["token_embedding"],
+                            systems=["rag", "lloco"], datasets=["needle"], backbone=tiny_backbone,
+                            embedder=load_embedder(), top_k=3, tag="hybrid", progress=False, expand_top_k=[1])
+    by = {r["system"]: r for r in read_records(summary["results"]) if r["type"] == "question"}
+    hybrid, rag, soft = by["hybrid1[token_embedding]"], by["rag"], by["lloco[token_embedding]"]
+    assert hybrid["retrieved"] == rag["retrieved"] == soft["retrieved"]  # reading order unchanged
+    assert len(hybrid["expanded"]) == 1 and hybrid["expanded"][0] in hybrid["retrieved"]
+    # The identity compressor's soft prompts are the chunks' own token embeddings: expanding one changes the
+    # positions only where its first token merges with the separator before it.
+    assert abs(hybrid["positions"] - rag["positions"]) <= 1
+    assert hybrid["soft_positions"] < soft["soft_positions"]

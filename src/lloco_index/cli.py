@@ -14,7 +14,8 @@ from . import defaults
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.persist_dir, max_questions=args.questions, top_k=args.top_k, compare_full=not args.no_compare)
+    run_demo(args.persist_dir, max_questions=args.questions, top_k=args.top_k, compare_full=not args.no_compare,
+             expand_top_k=args.expand_top_k)
 
 
 def _compress(args: argparse.Namespace) -> None:
@@ -31,18 +32,21 @@ def _compress(args: argparse.Namespace) -> None:
 
 def _query(args: argparse.Namespace) -> None:
     from .llamaindex import LLoCOLLM, LLoCOQueryEngine, load_index
-    from .llamaindex.node_keys import ID_KEY
+    from .llamaindex.node_keys import EXPANDED_KEY, ID_KEY
 
     index, store, compressor = load_index(args.persist_dir)
     llm = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=args.adapter_name if args.adapter else "auto")
     if args.adapter:
         llm.load_adapter(args.adapter, args.adapter_name)
-    engine = LLoCOQueryEngine.from_index(index, llm, response_mode=args.mode, similarity_top_k=args.top_k)
+    engine = LLoCOQueryEngine.from_index(index, llm, response_mode=args.mode, similarity_top_k=args.top_k,
+                                         expand_top_k=args.expand_top_k, policy=args.policy)
     response = engine.query(args.question)
     print(str(response).strip())
-    for n in response.source_nodes:
-        print(f"  [{n.score:.3f}] {n.node.metadata.get('file_name', '')} soft prompt {n.node.metadata[ID_KEY]} "
-              f"({store.num_positions(n.node.metadata[ID_KEY])} positions): {n.node.text[:80]!r}...")
+    for n in sorted(response.source_nodes, key=lambda n: -(n.score or 0.0)):
+        prompt_id = n.node.metadata[ID_KEY]
+        form = (f"as text ({llm.count_positions(n.node.text)} positions)" if n.node.metadata.get(EXPANDED_KEY)
+                else f"as soft prompt {prompt_id} ({store.num_positions(prompt_id)} positions)")
+        print(f"  [{n.score:.3f}] {n.node.metadata.get('file_name', '')} {form}: {n.node.text[:80]!r}...")
 
 
 def _precision(args: argparse.Namespace) -> None:
@@ -62,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--questions", type=int, default=6)
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--no-compare", action="store_true", help="skip the full-text baseline answers")
+    p.add_argument("--expand-top-k", type=int, default=defaults.DEFAULT_EXPAND_TOP_K,
+                   help="retrieved chunks the hybrid answer reads as text (default: %(default)s)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("compress", help="compress a directory of documents into a persisted index")
@@ -78,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="compact", choices=["compact", "refine", "tree_summarize", "simple_summarize"])
     p.add_argument("--top-k", type=int, default=defaults.DEFAULT_TOP_K)
     p.add_argument("--max-new-tokens", type=int, default=defaults.DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--expand-top-k", type=int, default=defaults.DEFAULT_EXPAND_TOP_K,
+                   help="best retrieved chunks read as text, the rest as soft prompts; 0: soft prompts only "
+                        "(default: %(default)s)")
+    p.add_argument("--policy", default=defaults.DEFAULT_EXPANSION_POLICY, choices=["score", "likelihood"],
+                   help="which chunks to expand: the retriever's ranking or the decoder's likelihood of the question "
+                        "(default: %(default)s)")
     p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to read with")
     p.add_argument("--adapter-name", default="user_adapter")
     p.set_defaults(func=_query)

@@ -44,7 +44,7 @@ def default_or_untrained_compressor():
 
 
 def run_demo(persist_dir: Optional[Path] = None, *, max_questions: int = 6, top_k: int = 3, compare_full: bool = True,
-             compressor=None, out=print) -> list[dict]:
+             expand_top_k: int = defaults.DEFAULT_EXPAND_TOP_K, compressor=None, out=print) -> list[dict]:
     """Run the demo and return one record per question."""
     from .llamaindex import LLoCOLLM, LLoCOQueryEngine, build_index, load_index
 
@@ -81,34 +81,52 @@ def run_demo(persist_dir: Optional[Path] = None, *, max_questions: int = 6, top_
         f"(persisted at {persist_dir})\n")
 
     llm = LLoCOLLM(compressor, store, max_new_tokens=32)
-    engine = LLoCOQueryEngine.from_index(index, llm, response_mode="compact", similarity_top_k=top_k)
+    # The default engine expands the best chunk to its text (selective expansion); the pure soft-prompt
+    # engine reads every chunk compressed, as the LLoCO paper does.
+    engines = {"hybrid": LLoCOQueryEngine.from_index(index, llm, response_mode="compact", similarity_top_k=top_k,
+                                                     expand_top_k=expand_top_k),
+               "soft": LLoCOQueryEngine.from_index(index, llm, response_mode="compact", similarity_top_k=top_k,
+                                                   expand_top_k=0)}
+    out(f"hybrid: the best {expand_top_k} of {top_k} retrieved chunks as text, the rest as soft prompts; "
+        f"soft: all {top_k} as soft prompts\n")
     doc_text = {d.id_: d.text for d in docs}
     records = []
     for q in questions[:max_questions]:
-        t0 = time.perf_counter()
-        nodes = engine.retrieve(_bundle(q["question"]))
-        t1 = time.perf_counter()
-        seen_before = len(_calls(llm))
-        response = engine.synthesize(_bundle(q["question"]), nodes)
-        t2 = time.perf_counter()
-        used = sum(c["positions"] for c in _calls(llm)[seen_before:])
-        record = {"question": q["question"], "answer": str(response).strip(), "reference": q["answers"][0],
-                  "positions": used, "retrieve_s": t1 - t0, "generate_s": t2 - t1}
+        record = {"question": q["question"], "reference": q["answers"][0]}
+        for name, engine in engines.items():
+            t0 = time.perf_counter()
+            nodes = engine.retrieve(_bundle(q["question"]))
+            t1 = time.perf_counter()
+            seen_before = len(_calls(llm))
+            response = engine.synthesize(_bundle(q["question"]), nodes)
+            t2 = time.perf_counter()
+            answer = str(response).strip()
+            record[name] = {"answer": answer, "positions": sum(c["positions"] for c in _calls(llm)[seen_before:]),
+                            "retrieve_s": t1 - t0, "generate_s": t2 - t1, "right": _contains(answer, q["answers"])}
         if compare_full:
             full = llm.reader.generate([{"role": "user", "content": _full_prompt(doc_text[q["document"]], q["question"])}],
                                        adapter=None)
-            record.update(full_answer=full.text, full_positions=full.prompt.positions, full_s=full.total_s)
+            record["full"] = {"answer": full.text, "positions": full.prompt.positions, "generate_s": full.total_s,
+                              "right": _contains(full.text, q["answers"])}
         records.append(record)
-        out(f"Q: {q['question']}\n   lloco : {record['answer']!r}  (reference: {record['reference']!r})")
-        line = f"   positions {used}"
-        if compare_full:
-            out(f"   full  : {record['full_answer']!r}")
-            line += f" vs {record['full_positions']} reading the whole document ({record['full_positions'] / max(used, 1):.1f}x fewer)"
-        line += f"; retrieve {record['retrieve_s']:.2f}s, generate {record['generate_s']:.2f}s"
-        if compare_full:
-            line += f", full-text answer {record['full_s']:.2f}s"
-        out(line + "\n")
+        out(f"Q: {q['question']}   (reference: {record['reference']!r})")
+        for name in ("hybrid", "soft", "full"):
+            if name in record:
+                r = record[name]
+                mark = "right" if r["right"] else "wrong"
+                out(f"   {name:6s}: {r['answer']!r}  [{mark}; {r['positions']} positions, {r['generate_s']:.2f}s]")
+        out("")
+    tally = ", ".join(f"{name} {sum(r[name]['right'] for r in records)}/{len(records)}"
+                      for name in ("hybrid", "soft", "full") if records and name in records[0])
+    out(f"answers containing the reference: {tally}")
     return records
+
+
+def _contains(answer: str, references) -> bool:
+    from .eval.metrics import normalize_answer
+
+    got = normalize_answer(answer)
+    return any(normalize_answer(ref) and normalize_answer(ref) in got for ref in references)
 
 
 def _quality_line(compressor) -> Optional[str]:

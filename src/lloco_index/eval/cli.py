@@ -35,6 +35,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--llmlingua-rate", type=float, default=None, help="default: slots / segment length of the compressor")
     parser.add_argument("--peer-max-examples", type=int, default=-1,
                         help="LLMLingua examples per dataset (-1: the suite's own limit; 0 or more: that many)")
+    parser.add_argument("--expand-top-k", type=int, nargs="+", default=[],
+                        help="add hybrid<n> systems: the lloco systems with the n best chunks read as text")
     parser.add_argument("--tag", default=None, help="name of the result files (default: the suite)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plots from an existing results file")
     return parser
@@ -57,6 +59,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             adapter=args.adapter, compressors=args.compressors, systems=args.systems, datasets=args.datasets,
             decoder=args.decoder, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             llmlingua_rate=args.llmlingua_rate, peer_max_examples=args.peer_max_examples, tag=args.tag,
+            expand_top_k=args.expand_top_k,
         )
     for key in ("results", "table"):
         if key in summary:

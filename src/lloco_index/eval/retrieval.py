@@ -68,5 +68,8 @@ class ChunkIndex:
 
     def search(self, query: str, top_k: int) -> list[int]:
         """The ``top_k`` most similar chunks, returned in document order."""
-        rows, _ = self.index.search(self.embedder.embed_query(query), top_k)
-        return sorted(rows)
+        return sorted(self.search_scored(query, top_k)[0])
+
+    def search_scored(self, query: str, top_k: int) -> tuple[list[int], list[float]]:
+        """The ``top_k`` most similar chunks and their scores, best first."""
+        return self.index.search(self.embedder.embed_query(query), top_k)

@@ -33,6 +33,7 @@ from . import datasets as ds
 from .metrics import score_prediction
 from .peers import LLMLinguaPeer, PeerUnavailable
 from .retrieval import ChunkIndex, load_embedder
+from ..selection import Candidate, SelectionConfig, select
 from .systems import (
     BASE_SYSTEMS, CHUNK_SEPARATOR, SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_LLMLINGUA, SYSTEM_LLOCO, SYSTEM_RAG,
     PeakRSS, build_messages, option_texts, plan_full_context, timed_generate,
@@ -206,6 +207,7 @@ class _System:
     entry: Optional[CompressorEntry] = None
     adapter: Optional[str] = None  # name of a loaded peft adapter (None: the compressor's own reader, if any)
     adapter_path: Optional[str] = None
+    expand_top_k: int = 0  # lloco systems: retrieved chunks read as text (selective expansion); 0: soft only
 
     def key(self, dataset: str, example_id: str) -> tuple:
         return (dataset, example_id, self.name, self.entry.fingerprint if self.entry else None, self.adapter_path)
@@ -233,6 +235,7 @@ def run_benchmark(
     llmlingua_rate: Optional[float] = None,
     peer_max_examples: Optional[int] = -1,
     tag: Optional[str] = None,
+    expand_top_k: Sequence[int] = (),
     progress: bool = True,
     report: bool = True,
 ) -> dict:
@@ -244,6 +247,8 @@ def run_benchmark(
     lloco share one retriever and ``top_k``; LLMLingua compresses the retrieved text to
     ``llmlingua_rate`` (default: the compressor under test's slots / segment length).
     ``peer_max_examples=-1`` takes the suite's own limit; ``None`` runs the peer everywhere.
+    Each value ``n`` in ``expand_top_k`` adds ``hybrid<n>`` systems beside each lloco system: the same soft
+    prompts with the ``n`` best-scored chunks read as text (:mod:`lloco_index.selection`).
     Returns a summary dict with the output paths and the run's notes.
     """
     spec = SUITES[suite] if isinstance(suite, str) else suite
@@ -277,10 +282,13 @@ def run_benchmark(
             continue
         for entry in entries:
             plan.append(_System(f"lloco[{entry.label}]", SYSTEM_LLOCO, entry))
+            plan += [_System(f"hybrid{k}[{entry.label}]", SYSTEM_LLOCO, entry, expand_top_k=k) for k in expand_top_k]
         if adapter is not None:
             adapter_entry = _adapter_entry(Path(adapter), entries)
             backbone.load_adapter(adapter, ADAPTER_NAME)
             plan.append(_System(f"lloco+adapter[{adapter_entry.label}]", SYSTEM_LLOCO, adapter_entry, ADAPTER_NAME, str(adapter)))
+            plan += [_System(f"hybrid{k}+adapter[{adapter_entry.label}]", SYSTEM_LLOCO, adapter_entry, ADAPTER_NAME,
+                             str(adapter), expand_top_k=k) for k in expand_top_k]
 
     benchmarks = load_suite(spec, data_dir, backbone.tokenizer, datasets)
     log = ResultLog(out_dir / f"results-{tag}.jsonl")
@@ -411,6 +419,15 @@ class _DocumentState:
         return self._stores[entry.label]
 
 
+def _expand(index, question: str, top_k: int, expand_top_k: int, backbone, store, ids) -> tuple[list[int], set[int]]:
+    """The selection policy on one document's chunks: (chunks in reading order, the ones read as text)."""
+    rows, scores = index.search_scored(question, top_k)
+    candidates = [Candidate(id=ids[r], doc_id="document", chunk=r, score=s, soft_positions=store.num_positions(ids[r]),
+                            text_positions=len(backbone.tokenize(index.chunks[r]))) for r, s in zip(rows, scores)]
+    picked = select(candidates, SelectionConfig(top_k=top_k, expand_top_k=expand_top_k, position_budget=None))
+    return [p.candidate.chunk for p in picked], {p.candidate.chunk for p in picked if p.expanded}
+
+
 def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _DocumentState, readers: dict,
             log: ResultLog, peer: Optional[LLMLinguaPeer], top_k: int, max_new_tokens: int, rate: float) -> dict:
     backbone = state.backbone
@@ -437,7 +454,9 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
             if system.kind == SYSTEM_LLOCO:
                 store, ids = state.soft_prompts(system.entry, log)  # one-off compression, outside the latency too
             start = time.perf_counter()
-            hits = index.search(ex.question, top_k)
+            hits, expanded = index.search(ex.question, top_k), set()
+            if system.expand_top_k:
+                hits, expanded = _expand(index, ex.question, top_k, system.expand_top_k, backbone, store, ids)
             latency["retrieve_s"] = time.perf_counter() - start
             chunks = [index.chunks[i] for i in hits]
             record["retrieved"] = hits
@@ -451,7 +470,8 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
                 record["llmlingua"] = {k: out.get(k) for k in ("origin_tokens", "compressed_tokens", "peak_rss_mb")}
                 record["llmlingua"]["rate"] = rate
             else:
-                context = CHUNK_SEPARATOR.join(make_placeholder(ids[i]) for i in hits)
+                context = CHUNK_SEPARATOR.join(index.chunks[i] if i in expanded else make_placeholder(ids[i]) for i in hits)
+                record["expanded"] = sorted(expanded)
                 key = (system.entry.label, system.adapter)
                 if key not in readers:
                     # No explicit adapter: the compressor's own reader adapter when it ships one (AUTO).

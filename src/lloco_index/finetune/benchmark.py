@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from ..backbone import Backbone
     from ..llamaindex import LLoCOLLM, LLoCOQueryEngine, build_index, load_index
     from ..llamaindex.finetune import LLoCOFinetuneEngine
+    from ..eval.runner import machine_info
     from .config import FinetuneConfig
 
     torch.set_num_threads(args.threads)
@@ -121,13 +122,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     qa = [{"question": e.question, "answers": e.answers, "group": e.document_id, "id": e.id} for e in train_qs]
     config = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, seed=0)
+    mix = [int(x) for x in args.expansion_mix.split(",")] if args.expansion_mix else None
     engine = LLoCOFinetuneEngine(index, qa, llm=llm, adapter_name="squad", output_dir=run_dir / "adapter", config=config,
-                                 similarity_top_k=args.top_k, use_gold_contexts=False)
+                                 similarity_top_k=args.top_k, use_gold_contexts=False, expansion_mix=mix)
     result = engine.finetune(stop_after_steps=args.stop_after_steps)
     summary: dict[str, Any] = {
         "machine": f"{torch.get_num_threads()} torch thread(s), CPU", "compressor": kind, "top_k": args.top_k,
         "train_articles": list(train_docs), "test_articles": list(test_docs), "train_questions": len(train_qs),
-        "test_questions": len(test_qs), "finetune": result.metrics(), "config": config.to_dict()}
+        "test_questions": len(test_qs), "finetune": result.metrics(), "config": config.to_dict(),
+        "expansion_mix": mix}
     if not result.finished:
         print(json.dumps(summary, indent=2))
         return summary
@@ -135,8 +138,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tuned = engine.get_finetuned_model(max_new_tokens=args.max_new_tokens)
     plain = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=None)
 
-    def via_engine(model):
-        query_engine = LLoCOQueryEngine.from_index(index, model, similarity_top_k=args.top_k)
+    def via_engine(model, expand_top_k=0, top_k=args.top_k, policy="score"):
+        query_engine = LLoCOQueryEngine.from_index(index, model, similarity_top_k=top_k, expand_top_k=expand_top_k,
+                                                   policy=policy)
 
         def answer(ex):
             response = query_engine.query(ex.question)
@@ -163,18 +167,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                      max_new_tokens=args.max_new_tokens)
         return result.text, result.prompt.positions
 
+    def tuned_reader(fn):  # the baselines read with the same finetuned adapter as the lloco systems
+        def answer(ex):
+            messages = fn(ex)
+            result = llm.reader.generate(messages, adapter="squad", max_new_tokens=args.max_new_tokens)
+            return result.text, result.prompt.positions
+        return answer
+
     conditions = [("soft_prompts_no_adapter", via_engine(plain))]
     reader = getattr(compressor, "reader_adapter", None)
     if reader is not None:  # the compressor's own reader: what the domain adapter starts from
-        conditions.append(("soft_prompts_reader_adapter",
-                           via_engine(LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=reader))))
+        shipped = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=reader)
+        conditions += [("soft_prompts_reader_adapter", via_engine(shipped)),
+                       ("hybrid1_reader_adapter", via_engine(shipped, expand_top_k=1))]
     conditions += [("soft_prompts_adapter", via_engine(tuned)), ("closed_book", closed_book),
                    ("full_document_text", full_document)]
+    if mix is not None:  # a mixed-context adapter: every system on the same decoder and adapter
+        conditions += [
+            ("hybrid1_adapter", via_engine(tuned, expand_top_k=1)),
+            ("hybrid2_adapter", via_engine(tuned, expand_top_k=2)),
+            ("hybrid1_likelihood_adapter", via_engine(tuned, expand_top_k=1, policy="likelihood")),
+            ("text_rag_top1_adapter", via_engine(tuned, expand_top_k=1, top_k=1)),
+            (f"text_rag_top{args.top_k}_adapter", via_engine(tuned, expand_top_k=args.top_k)),
+            ("closed_book_adapter", tuned_reader(lambda ex: engine.query_messages(ex.question, []))),
+            ("full_document_text_adapter",
+             tuned_reader(lambda ex: engine.query_messages(ex.question, [test_docs[ex.document_id].text]))),
+        ]
     results, on_subset = {}, {}
     for name, fn in conditions:
-        if name == "full_document_text" and args.skip_full:
+        if name.startswith("full_document_text") and args.skip_full:
             continue
-        questions = subset if name == "full_document_text" else test_qs
+        questions = subset if name.startswith("full_document_text") else test_qs
         results[name] = _evaluate(name, run_dir / f"eval_{name}.jsonl", questions, fn)
         if subset is not test_qs:
             on_subset[name] = _evaluate(name, run_dir / f"eval_{name}.jsonl", subset, fn)
@@ -184,6 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gap = results["full_document_text"]["f1"] - results["closed_book"]["f1"]
         summary["normalised_f1"] = {k: (v["f1"] - results["closed_book"]["f1"]) / gap if gap > 0 else float("nan")
                                     for k, v in results.items()}
+    summary["machine_info"] = machine_info()
     if on_subset:
         summary["eval_on_full_document_subset"] = on_subset
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=2).encode())
@@ -201,6 +225,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--test-questions", type=int, default=60)
     p.add_argument("--max-words", type=int, default=1500, help="cut each article to its first N words")
     p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--expansion-mix", default=None,
+                   help="train on contexts with these expand_top_k values cycled, e.g. 0,1,2,4 (adds the hybrid and "
+                        "same-adapter text systems to the evaluation)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--max-new-tokens", type=int, default=32)
