@@ -34,3 +34,11 @@ class AdapterMismatchError(LLoCOError):
 
 class ContextBudgetError(LLoCOError, ValueError):
     """A prompt does not fit into the model's context window."""
+
+
+class StoreLockedError(LLoCOError):
+    """Another process is writing into the same persist dir."""
+
+
+class PersistDirError(LLoCOError):
+    """A persist dir cannot be written, or one of its files cannot be read back."""
