@@ -42,3 +42,7 @@ class StoreLockedError(LLoCOError):
 
 class PersistDirError(LLoCOError):
     """A persist dir cannot be written, or one of its files cannot be read back."""
+
+
+class InputError(LLoCOError):
+    """An input (a directory, a text, a command-line value) cannot be used as given."""
