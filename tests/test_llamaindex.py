@@ -190,3 +190,19 @@ def test_query_engine_sends_the_expanded_text_and_the_other_soft_prompts(built_i
     assert expanded[0].node.text.strip() in "".join(prompts)  # the text itself, not its placeholder
     assert expanded[0].node.metadata["lloco_id"] not in seen
     assert {n.node.metadata["lloco_id"] for n in soft} <= set(seen)
+
+
+def test_llm_fields_changed_after_construction_reach_generation(built_index):
+    compressor, index, store = built_index
+    llm = LLoCOLLM(compressor, store, max_new_tokens=6)
+    llm.max_new_tokens = 2
+    out = llm.complete("Say something long about bees.")
+    assert out.additional_kwargs["new_tokens"] <= 2 and llm.metadata.num_output == 2
+
+
+def test_faiss_index_takes_the_embedders_width(compressor):
+    from llama_index.core.embeddings import MockEmbedding
+
+    index, store = build_index(DOCS[:1], compressor, embed_model=MockEmbedding(embed_dim=16))
+    assert index.vector_store._faiss_index.d == 16
+    assert index.as_retriever(similarity_top_k=1).retrieve("bees")

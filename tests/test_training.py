@@ -113,7 +113,7 @@ def test_killed_checkpoint_write_keeps_previous(tmp_path, tokenizer, windows, mo
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000003.pt"]
 
     # Killed after the temporary file is written, before it is renamed into place.
-    import lloco_index.compressors.base as base
+    import lloco_index.fileio as base  # where atomic_write_bytes lives
 
     def killed(*_args, **_kw):
         raise KeyboardInterrupt

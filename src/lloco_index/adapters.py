@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from . import defaults
-from .compressors.base import atomic_write_bytes
+from .fileio import atomic_write_bytes
 from .errors import AdapterMismatchError, ModelNotFoundError
 
 

@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from .errors import ModelNotFoundError
 from .models import DecoderBundle, load_decoder
 
 
@@ -113,8 +114,21 @@ class Backbone:
                 return
             if self.peft_model is None:
                 self.peft_model = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=name, is_trainable=is_trainable)
-            else:
+                return
+            try:
                 self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable)
+            except BaseException as exc:
+                # peft registers the adapter's config and layers before it reads the weights: a failed read
+                # would leave a selectable adapter of random LoRA weights under this name.
+                if self.has_adapter(name):
+                    self.peft_model.delete_adapter(name)
+                if not isinstance(exc, Exception):
+                    raise
+                raise ModelNotFoundError(
+                    f"Adapter '{path}' could not be loaded as '{name}' ({type(exc).__name__}: {exc}); nothing was "
+                    f"loaded under that name. Restore the adapter directory (adapter_config.json and the weights "
+                    f"file) or finetune it again."
+                ) from exc
 
     def delete_adapter(self, name: str) -> None:
         """Remove the adapter ``name`` and free its weights (``KeyError`` when it is not loaded)."""

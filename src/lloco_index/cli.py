@@ -19,21 +19,58 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from llama_index.core import SimpleDirectoryReader
-
     from .compressors import load_compressor
+    from .fileio import exclusive_lock
     from .llamaindex import build_index
+    from .llamaindex.documents import read_documents
 
-    compressor = load_compressor(args.compressor, decoder=args.decoder)
-    docs = SimpleDirectoryReader(str(args.directory), recursive=True, required_exts=args.ext or None).load_data()
+    # Inputs and the persist dir are checked before any model is loaded (that takes tens of seconds).
+    docs = read_documents(args.directory, args.ext)
+    with exclusive_lock(args.persist_dir):
+        before = _indexed_documents(args.persist_dir)
+        compressor = load_compressor(args.compressor, decoder=args.decoder)
+    # build_index takes the lock again for the whole build; between the two another writer may start, and
+    # then build_index refuses with the same "locked" error.
     index, store = build_index(docs, compressor, persist_dir=args.persist_dir, show_progress=True)
-    print(f"{len(docs)} documents -> {len(store)} soft prompts in {args.persist_dir} (compressor {compressor.fingerprint})")
+    total = len(index.ref_doc_info)
+    print(f"{len(docs)} documents read, {total - before} added to the index ({total} in all) -> {len(store)} soft "
+          f"prompts in {args.persist_dir} (compressor {compressor.fingerprint})")
+
+
+def _indexed_documents(persist_dir: Path) -> int:
+    """How many documents the persist dir's docstore already has (0 when there is none yet)."""
+    import json
+
+    path = persist_dir / "docstore.json"
+    if not path.is_file():
+        return 0
+    try:
+        return len(json.loads(path.read_text()).get("docstore/ref_doc_info", {}))
+    except (ValueError, AttributeError):
+        return 0  # build_index reports a damaged docstore precisely
+
+
+def _check_query_args(args: argparse.Namespace) -> None:
+    from .errors import InputError
+
+    if not args.question.strip():
+        raise InputError("The question is empty. Pass the question to answer as the second argument, in quotes.")
+    if args.top_k < 1:
+        raise InputError(f"--top-k must be at least 1 (got {args.top_k}): it is how many chunks to retrieve.")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}): it bounds the answer's length.")
+    if not args.persist_dir.is_dir():
+        raise InputError(
+            f"No persist dir at '{args.persist_dir}'. Build it first: `lloco-index compress DIR --persist-dir "
+            f"{args.persist_dir}`."
+        )
 
 
 def _query(args: argparse.Namespace) -> None:
     from .llamaindex import LLoCOLLM, LLoCOQueryEngine, load_index
     from .llamaindex.node_keys import EXPANDED_KEY, ID_KEY
 
+    _check_query_args(args)
     index, store, compressor = load_index(args.persist_dir)
     llm = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=args.adapter_name if args.adapter else "auto")
     if args.adapter:
@@ -133,6 +170,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LLoCOError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the finished work is saved; run the same command again to resume where it stopped.",
+              file=sys.stderr)
+        return 130
     return 0
 
 

@@ -5,7 +5,9 @@ class LLoCOError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
-class EmptyDocumentError(LLoCOError, ValueError):
+# Not ValueErrors: LlamaIndex's refine synthesizer catches ValueError and answers "Empty Response",
+# which would turn these into a silent empty answer with exit status 0.
+class EmptyDocumentError(LLoCOError):
     """A document or chunk has no text to compress."""
 
 
@@ -32,5 +34,17 @@ class AdapterMismatchError(LLoCOError):
     """A LoRA adapter was trained against another compressor or base model."""
 
 
-class ContextBudgetError(LLoCOError, ValueError):
+class ContextBudgetError(LLoCOError):
     """A prompt does not fit into the model's context window."""
+
+
+class StoreLockedError(LLoCOError):
+    """Another process is writing into the same persist dir."""
+
+
+class PersistDirError(LLoCOError):
+    """A persist dir cannot be written, or one of its files cannot be read back."""
+
+
+class InputError(LLoCOError):
+    """An input (a directory, a text, a command-line value) cannot be used as given."""

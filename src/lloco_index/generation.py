@@ -77,6 +77,15 @@ class SoftPromptReader:
         self.max_new_tokens = max_new_tokens
         self.system_prompt = system_prompt
 
+    def new_tokens(self, max_new_tokens: Optional[int] = None) -> int:
+        """The answer length to use: a per-call value (0 included) wins over the reader's default."""
+        value = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if not isinstance(value, int) or value < 1:
+            raise ContextBudgetError(
+                f"max_new_tokens must be a whole number of at least 1, got {value!r}: it bounds the answer's length."
+            )
+        return value
+
     # ------------------------------------------------------------- adapters
     def resolve_adapter(self, adapter: Optional[str] = AUTO) -> Optional[str]:
         adapter = self.default_adapter if adapter == AUTO else adapter
@@ -145,11 +154,12 @@ class SoftPromptReader:
                     text_positions += len(ids)
         embeds = torch.cat(pieces, dim=0).unsqueeze(0)
         prepared = PreparedPrompt(embeds, text_positions, soft_positions, used)
-        limit = self.backbone.context_window - (max_new_tokens or self.max_new_tokens)
+        new_tokens = self.new_tokens(max_new_tokens)
+        limit = self.backbone.context_window - new_tokens
         if prepared.positions > limit:
             raise ContextBudgetError(
                 f"The prompt takes {prepared.positions} positions ({soft_positions} of soft prompts) but the model's "
-                f"window leaves {limit} after {max_new_tokens or self.max_new_tokens} new tokens. Retrieve fewer "
+                f"window leaves {limit} after {new_tokens} new tokens. Retrieve fewer "
                 f"chunks (lower top_k or the retriever's position_budget) or shorten the prompt."
             )
         return prepared
@@ -165,7 +175,7 @@ class SoftPromptReader:
         return dict(
             inputs_embeds=prepared.inputs_embeds,
             attention_mask=torch.ones(prepared.inputs_embeds.shape[:2], dtype=torch.long, device=prepared.inputs_embeds.device),
-            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            max_new_tokens=self.new_tokens(max_new_tokens),
             do_sample=False,
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else (eos[0] if eos else 0),
             eos_token_id=eos or None,

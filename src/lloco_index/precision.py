@@ -158,7 +158,7 @@ def _measured_cpu_bf16() -> bool:
                 result["float32_s"])
     cached[key] = result
     try:
-        from .compressors.base import atomic_write_bytes
+        from .fileio import atomic_write_bytes
 
         atomic_write_bytes(path, json.dumps(cached, indent=2).encode())
     except OSError:  # a read-only cache only costs the measurement again

@@ -13,6 +13,14 @@ the previous state readable; a shard the index does not know yet (a crash
 between the two renames) is adopted when the store is next opened. Shards are
 memory-mapped and read lazily.
 
+Integrity: each entry records the sha256 of its stored bytes (in
+``index.json`` and in the shard's own metadata), checked on every read. Each
+shard records the compressor fingerprint; a shard of another compressor is
+refused. Entries whose shard is missing are dropped when the store is opened,
+and :meth:`SoftPromptStore.add` verifies the entries it would reuse, so
+deleting a damaged shard (or just rerunning the compression) recomputes
+exactly the chunks it held.
+
 The bytes live behind a :class:`~lloco_index.storage.StorageBackend`: a local
 directory by default, or any fsspec URL (``s3://bucket/index``,
 ``memory://...``) for object storage, where shards are read tensor by tensor
@@ -26,12 +34,14 @@ import hashlib
 import json
 import logging
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
 from . import defaults
+from .compressors.base import tensors_digest
 from .errors import CorruptStoreError, StoreMismatchError, UnknownPlaceholderError
 from .storage.backends import StorageBackend, backend_for, is_url, join_location
 from .storage.quantization import SCALE_SUFFIX, check_scheme, dequantize_rows, quantize_rows
@@ -39,6 +49,7 @@ from .storage.quantization import SCALE_SUFFIX, check_scheme, dequantize_rows, q
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+FLUSH_SECONDS = 5.0  # most compression work an interruption can lose (a kill -9; Ctrl-C loses none)
 
 
 def content_id(fingerprint: str, text: str) -> str:
@@ -90,14 +101,24 @@ class SoftPromptStore:
         check_scheme(quantization)
         backend = backend_for(cls.store_dir(persist_dir), **(storage_options or {}))
         if not backend.exists("store.json"):
+            leftovers = backend.exists("index.json") or bool(backend.list("shards/"))
             if compressor is None:
                 raise CorruptStoreError(
                     f"No soft-prompt store in '{persist_dir}' ({defaults.STORE_SUBDIR}/store.json missing). "
                     f"Compress documents into it first (`lloco-index compress DIR --persist-dir {persist_dir}`)."
+                    + (" Its index.json and shards were left untouched." if leftovers else "")
                 )
             store = cls.for_compressor(compressor, backend=backend, quantization=quantization)
+            if leftovers:  # store.json lost, soft prompts still there: never start over on top of them
+                for shard in store._shard_names():  # refuse another compressor's shards before writing store.json
+                    try:
+                        store._shard_entries(shard)
+                    except CorruptStoreError:
+                        pass  # damage is handled entry by entry
+                store._load_index()
+            else:
+                store._write_index()
             store._write_meta()
-            store._write_index()
             return store
         store = cls._read(backend)
         if quantization is not None and quantization != store.quantization:
@@ -170,7 +191,35 @@ class SoftPromptStore:
         except (json.JSONDecodeError, UnicodeDecodeError):
             logger.warning("%s/index.json is corrupt; rebuilding it from the shards", self.backend.location)
             self._index = {}
+        self._drop_missing_shards()
         self.adopt_shards()
+
+    def _shard_names(self) -> list[str]:
+        return [n.split("/", 1)[1] for n in self.backend.list("shards/") if n.endswith(".safetensors")]
+
+    def _drop_missing_shards(self) -> None:
+        """Forget entries whose shard file is gone, so the next compression recomputes them.
+
+        Only in memory: a reader must not rewrite the index (its directory
+        may be read-only); the next write of the index records the drop.
+        """
+        present = set(self._shard_names())
+        gone = sorted({e["shard"] for e in self._index.values()} - present)
+        if not gone:
+            return
+        before = len(self._index)
+        self._index = {k: e for k, e in self._index.items() if e["shard"] in present}
+        logger.warning(
+            "%d soft prompts of %d missing shard(s) in %s/shards (%s) are no longer stored; compressing the same "
+            "documents again recomputes them", before - len(self._index), len(gone), self.backend.location,
+            ", ".join(gone[:3]) + (", ..." if len(gone) > 3 else ""))
+
+    def _drop(self, ids: Iterable[str], reason: str) -> None:
+        ids = [i for i in ids if i in self._index]
+        for prompt_id in ids:
+            del self._index[prompt_id]
+        if ids:
+            logger.warning("%s; its %d soft prompt(s) are recomputed", reason, len(ids))
 
     def adopt_shards(self) -> int:
         """Index the shards the index does not list yet; returns how many soft prompts were added.
@@ -183,23 +232,27 @@ class SoftPromptStore:
         """
         known = {entry["shard"] for entry in self._index.values()}
         added = 0
-        for name in self.backend.list("shards/"):
-            shard = name.split("/", 1)[1]
-            if not shard.endswith(".safetensors") or shard in known:
+        for shard in self._shard_names():
+            if shard in known:
                 continue
             # Written, but the index update did not land (a crash between the two renames): adopt it.
             try:
-                for key, positions in self._shard_entries(shard):
-                    if key not in self._index:
-                        self._index[key] = {"shard": shard, "positions": positions}
-                        added += 1
+                entries, digests = self._shard_entries(shard)
             except CorruptStoreError as exc:
                 logger.warning("ignoring unreadable shard: %s", exc)
+                continue
+            for key, positions in entries:
+                if key not in self._index:
+                    self._index[key] = {"shard": shard, "positions": positions}
+                    if key in digests:
+                        self._index[key]["sha256"] = digests[key]
+                    added += 1
         if added:
             self._write_index()
         return added
 
-    def _shard_entries(self, shard: Union[str, Path]) -> list[tuple[str, int]]:
+    def _shard_entries(self, shard: Union[str, Path]) -> tuple[list[tuple[str, int]], dict[str, str]]:
+        """``([(id, positions)], {id: sha256})`` of a shard, read from its header; refuses another compressor's shard."""
         name = Path(shard).name if isinstance(shard, Path) else shard
         local = self.backend.local_path(f"shards/{name}")
         try:
@@ -208,13 +261,27 @@ class SoftPromptStore:
 
                 with safe_open(str(local), framework="pt") as f:
                     shapes = [(k, f.get_slice(k).get_shape()) for k in f.keys()]
+                    metadata = f.metadata() or {}
             else:
                 from .storage.safetensors_io import read_header
 
-                shapes = [(k, v["shape"]) for k, v in read_header(self.backend, f"shards/{name}").tensors.items()]
+                header = read_header(self.backend, f"shards/{name}")
+                shapes = [(k, v["shape"]) for k, v in header.tensors.items()]
+                metadata = header.metadata
+            digests = json.loads(metadata.get("sha256", "{}"))
         except Exception as exc:
             raise CorruptStoreError(self._corrupt_message(name, exc)) from exc
-        return [(k, int(shape[0])) for k, shape in shapes if not k.endswith(SCALE_SUFFIX)]
+        self._check_shard_fingerprint(name, metadata)
+        return [(k, int(shape[0])) for k, shape in shapes if not k.endswith(SCALE_SUFFIX)], digests
+
+    def _check_shard_fingerprint(self, shard: str, metadata: dict) -> None:
+        found = metadata.get("fingerprint")
+        if found != self.fingerprint:
+            raise StoreMismatchError(
+                f"Shard '{self.backend.location.rstrip('/')}/shards/{shard}' holds soft prompts of compressor "
+                f"{found or '(none recorded)'}, but this store belongs to compressor {self.fingerprint}. It was copied "
+                f"in from another store: move it out of shards/ (back to the persist dir it came from)."
+            )
 
     def _write_meta(self) -> None:
         meta = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "compressor": self.compressor_info}
@@ -271,13 +338,17 @@ class SoftPromptStore:
             raise self._unknown(prompt_id)
         handle = self._handle(entry["shard"])
         try:
-            if self.quantization is None:
-                return self._read_tensor(entry["shard"], handle, prompt_id)
-            values = self._read_tensor(entry["shard"], handle, prompt_id)
-            scales = self._read_tensor(entry["shard"], handle, prompt_id + SCALE_SUFFIX)
+            stored = {prompt_id: self._read_tensor(entry["shard"], handle, prompt_id)}
+            if self.quantization is not None:
+                stored[prompt_id + SCALE_SUFFIX] = self._read_tensor(entry["shard"], handle, prompt_id + SCALE_SUFFIX)
         except Exception as exc:
             raise CorruptStoreError(self._corrupt_message(entry["shard"], exc)) from exc
-        return dequantize_rows(values, scales, self._output_dtype())
+        if "sha256" in entry and tensors_digest(stored) != entry["sha256"]:  # stores written before 0.1 have none
+            raise CorruptStoreError(self._corrupt_message(
+                entry["shard"], ValueError(f"soft prompt {prompt_id} does not match its recorded sha256")))
+        if self.quantization is None:
+            return stored[prompt_id]
+        return dequantize_rows(stored[prompt_id], stored[prompt_id + SCALE_SUFFIX], self._output_dtype())
 
     def _read_tensor(self, shard: str, handle, key: str) -> torch.Tensor:
         if self.path is not None:
@@ -300,14 +371,45 @@ class SoftPromptStore:
                 if self.path is not None:
                     from safetensors import safe_open
 
-                    self._handles[shard] = safe_open(str(self.backend.local_path(name)), framework="pt")  # memory-mapped, lazy
+                    handle = safe_open(str(self.backend.local_path(name)), framework="pt")  # memory-mapped, lazy
+                    metadata = handle.metadata() or {}
                 else:
                     from .storage.safetensors_io import read_header
 
-                    self._handles[shard] = read_header(self.backend, name)  # then one ranged read per tensor
+                    handle = read_header(self.backend, name)  # then one ranged read per tensor
+                    metadata = handle.metadata
             except Exception as exc:
                 raise CorruptStoreError(self._corrupt_message(shard, exc)) from exc
+            self._check_shard_fingerprint(shard, metadata)
+            self._handles[shard] = handle
         return self._handles[shard]
+
+    def verify(self, ids: Optional[Iterable[str]] = None) -> list[str]:
+        """Read and check the stored entries (all, or ``ids``); drop the damaged ones and return their ids.
+
+        An entry is damaged when its shard is missing or unreadable or its
+        bytes no longer match their sha256. Dropped entries are recomputed by
+        the next :meth:`add` of their chunks. Shards of another compressor
+        are not damage: they raise :class:`StoreMismatchError`.
+        """
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for prompt_id in (self._index if ids is None else ids):
+            if prompt_id in self._index and prompt_id not in self._pending:
+                by_shard[self._index[prompt_id]["shard"]].append(prompt_id)
+        damaged: list[str] = []
+        for shard, keys in sorted(by_shard.items()):
+            bad = []
+            for prompt_id in keys:
+                try:
+                    self.get(prompt_id)
+                except CorruptStoreError as exc:
+                    bad.append(prompt_id)
+                    reason = str(exc).split(" Other shards", 1)[0]
+            if bad:
+                self._handles.pop(shard, None)
+                self._drop(bad, reason)
+                damaged.extend(bad)
+        return damaged
 
     # --------------------------------------------------------------- write
     def put(self, tensors: dict[str, torch.Tensor], *, update_index: bool = True) -> Optional[str]:
@@ -341,9 +443,11 @@ class SoftPromptStore:
 
         name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{hashlib.sha256(''.join(sorted(tensors)).encode()).hexdigest()[:10]}.safetensors"
         encoded = {k: v.detach().contiguous().cpu() for k, v in self._encode(tensors).items()}
-        self.backend.write_atomic(f"shards/{name}", save(encoded, metadata={"fingerprint": self.fingerprint}))
+        digests = {k: tensors_digest({n: encoded[n] for n in (k, k + SCALE_SUFFIX) if n in encoded}) for k in tensors}
+        metadata = {"fingerprint": self.fingerprint, "sha256": json.dumps(digests, sort_keys=True)}
+        self.backend.write_atomic(f"shards/{name}", save(encoded, metadata=metadata))
         for key, value in tensors.items():
-            self._index[key] = {"shard": name, "positions": int(value.shape[0])}
+            self._index[key] = {"shard": name, "positions": int(value.shape[0]), "sha256": digests[key]}
         if update_index:
             self._write_index()
         return name
@@ -355,23 +459,49 @@ class SoftPromptStore:
         return sum(self.backend.size(n) for n in self.backend.list("shards/") if n.endswith(".safetensors"))
 
     def add(self, texts: Sequence[str], compressor, *, batch_size: Optional[int] = None, progress: bool = False,
-            flush_every: int = 256) -> list[str]:
+            flush_every: int = 256, flush_seconds: float = FLUSH_SECONDS, verify: bool = True) -> list[str]:
         """Compress the texts not stored yet and return the ids of all of them, in order.
 
-        Work is flushed to a shard every ``flush_every`` new chunks, so an
-        interrupted run resumes where it stopped.
+        Finished soft prompts are written to a shard every ``flush_seconds``
+        or ``flush_every`` chunks, whichever comes first, and once more when
+        the run is interrupted (Ctrl-C, an exception), so a rerun resumes
+        where it stopped: a ``kill -9`` loses at most ``flush_seconds`` of
+        work. With ``verify`` the stored entries that would be reused are read
+        and checked first, and damaged ones are recomputed.
         """
+        from tqdm.auto import tqdm
+
         self.check_compressor(compressor)
         ids = [self.make_id(t) for t in texts]
+        if verify and self.backend is not None:
+            self.verify(set(ids))
         todo: dict[str, str] = {}
         for prompt_id, text in zip(ids, texts):
             if prompt_id not in self and prompt_id not in todo:
                 todo[prompt_id] = text
         items = list(todo.items())
-        for start in range(0, len(items), flush_every):
-            part = items[start : start + flush_every]
-            prompts = compressor.compress([t for _, t in part], batch_size=batch_size, progress=progress)
-            self.put({k: p for (k, _), p in zip(part, prompts)})
+        step = max(1, min(batch_size or defaults.DEFAULT_COMPRESS_BATCH_SIZE, flush_every))
+        done: dict[str, torch.Tensor] = {}
+        last_flush = time.monotonic()
+        bar = tqdm(total=len(items), desc="compressing", unit="chunk", disable=not progress)
+        try:
+            for start in range(0, len(items), step):
+                part = items[start : start + step]
+                prompts = compressor.compress([t for _, t in part], batch_size=batch_size)
+                done.update((k, p) for (k, _), p in zip(part, prompts))
+                bar.update(len(part))
+                if len(done) >= flush_every or time.monotonic() - last_flush >= flush_seconds:
+                    self.put(done)
+                    done, last_flush = {}, time.monotonic()
+        except BaseException:
+            if done:  # keep what is finished; the interruption itself propagates
+                self.put(done)
+                logger.warning("interrupted: %d finished soft prompts saved in %s before stopping", len(done),
+                               self.location or "memory")
+            raise
+        finally:
+            bar.close()
+        self.put(done)
         return ids
 
     def persist(self, persist_dir: Union[str, Path], *, storage_options: Optional[dict[str, Any]] = None) -> None:

@@ -52,7 +52,8 @@ from .. import defaults
 from ..backbone import Backbone
 from ..errors import ModelNotFoundError, StoreMismatchError
 from ..precision import autocast
-from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, atomic_write_bytes, tensors_digest
+from ..fileio import atomic_write_bytes
+from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, tensors_digest
 
 logger = logging.getLogger(__name__)
 

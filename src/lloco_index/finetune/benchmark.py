@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from .. import defaults
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

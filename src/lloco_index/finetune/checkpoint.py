@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 POINTER = "LATEST"
 

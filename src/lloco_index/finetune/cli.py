@@ -41,6 +41,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=d.val_fraction)
     parser.add_argument("--patience", type=int, default=d.patience)
     parser.add_argument("--eval-every", type=int, default=d.eval_every)
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                        help="optimizer steps between resumable checkpoints (also after every validation)")
     parser.add_argument("--max-target-tokens", type=int, default=d.max_target_tokens)
     parser.add_argument("--no-reader-init", action="store_true", help="start from a fresh LoRA, not the shipped reader")
     parser.add_argument("--no-bf16", action="store_true", help="same as --dtype float32")
@@ -58,7 +60,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         patience=args.patience, eval_every=args.eval_every, max_target_tokens=args.max_target_tokens,
         init_from_reader=not args.no_reader_init, seed=args.seed,
         dtype="float32" if args.no_bf16 else (getattr(args, "dtype", None) or "auto"),
-        instruction_ratio=args.instruction_ratio)
+        instruction_ratio=args.instruction_ratio, checkpoint_every=args.checkpoint_every)
 
 
 def run_finetune(args: argparse.Namespace) -> None:
@@ -68,17 +70,23 @@ def run_finetune(args: argparse.Namespace) -> None:
     from ..llamaindex import LLoCOLLM, load_index
     from ..llamaindex.finetune import LLoCOFinetuneEngine
 
+    from ..errors import InputError
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    index, store, compressor = load_index(args.persist_dir)
-    llm = LLoCOLLM(compressor, store)
+    try:  # every option is checked before a model is loaded
+        config = config_from_args(args)
+    except ValueError as exc:
+        raise InputError(f"lloco-index finetune: {exc}. Fix that option and run again.") from exc
     generate = args.data == "generate"
     if not generate and not Path(args.data).is_file():
-        raise SystemExit(f"error: no data file at '{args.data}' (or pass 'generate').")
+        raise InputError(f"No data file at '{args.data}': pass a jsonl of question/answer records, or 'generate'.")
+    index, store, compressor = load_index(args.persist_dir)
+    llm = LLoCOLLM(compressor, store)
     output_dir = args.output_dir or args.persist_dir / "adapters" / args.adapter_name
     engine = LLoCOFinetuneEngine(
         index, None if generate else args.data, llm=llm, adapter_name=args.adapter_name, output_dir=output_dir,
-        config=config_from_args(args), similarity_top_k=args.top_k, position_budget=args.position_budget,
+        config=config, similarity_top_k=args.top_k, position_budget=args.position_budget,
         use_gold_contexts=not args.no_gold_contexts, instruction_data=args.instruction_data,
         question_llm=llm if generate else None, num_questions_per_chunk=args.questions_per_chunk,
         max_question_nodes=args.max_question_nodes, show_progress=not args.no_progress)

@@ -70,7 +70,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {self.lr_schedule!r}")
-        for name in ("epochs", "micro_batch_size", "grad_accum_steps", "lora_r", "max_target_tokens"):
+        for name in ("epochs", "micro_batch_size", "grad_accum_steps", "lora_r", "max_target_tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         from ..precision import normalise

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 

@@ -34,7 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..adapters import write_adapter_metadata
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 from ..errors import ContextBudgetError, LLoCOError
 from ..generation import SoftPromptReader
 from ..precision import autocast

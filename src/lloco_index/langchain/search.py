@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import defaults
 from ..chunking import chunk_text
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 from ..errors import CorruptStoreError, EmptyDocumentError, StoreMismatchError
 from ..selection import Candidate, SelectionConfig, select
 from ..store import SoftPromptStore

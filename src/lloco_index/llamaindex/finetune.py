@@ -40,7 +40,7 @@ from llama_index.core.prompts.prompt_utils import get_biggest_prompt
 from llama_index.core.schema import BaseNode, MetadataMode, QueryBundle, TextNode
 
 from .. import defaults
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 from ..finetune.config import FinetuneConfig
 from ..finetune.data import (
     QAExample,

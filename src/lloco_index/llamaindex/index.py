@@ -7,13 +7,18 @@ which says which compressor and decoder made it.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from .. import defaults
+from ..errors import CorruptStoreError
+from ..fileio import exclusive_lock
 from ..manifest import load_compressor_for, write_manifest
 from ..store import SoftPromptStore
 
-EMBED_DIM = 384  # all-MiniLM-L6-v2
+logger = logging.getLogger(__name__)
+
 
 
 def default_embed_model():
@@ -48,43 +53,106 @@ def build_index(
 
     Returns ``(index, store)``. With ``persist_dir`` everything is written
     there, the store chunk by chunk as it is compressed, so an interrupted run
-    resumes without recompressing.
+    resumes without recompressing. A ``persist_dir`` that already holds an
+    index is added to: documents it already has (same id, or same content) are
+    not added twice, but their chunks are checked and any missing soft prompt
+    is recomputed, so rerunning the same build repairs a damaged store. One
+    writer at a time: a second concurrent build into the same directory raises
+    :class:`~lloco_index.errors.StoreLockedError` at once.
     """
-    from llama_index.core import VectorStoreIndex
-
     from ..compressors import load_compressor
-    from .node_parser import LLoCONodeParser
 
-    compressor = compressor or load_compressor()
-    embed_model = embed_model or default_embed_model()
-    store = SoftPromptStore.open(persist_dir, compressor) if persist_dir else SoftPromptStore.for_compressor(compressor)
-    parser = LLoCONodeParser(compressor, store, **parser_kwargs)
-    nodes = parser.get_nodes_from_documents(documents, show_progress=show_progress)
-    index = VectorStoreIndex(nodes, storage_context=_faiss_storage_context(EMBED_DIM), embed_model=embed_model,
-                             show_progress=show_progress)
-    if persist_dir:
+    if not persist_dir:
+        compressor = compressor or load_compressor()
+        return _build(documents, compressor, SoftPromptStore.for_compressor(compressor), None,
+                      embed_model or default_embed_model(), show_progress, parser_kwargs)
+    with exclusive_lock(persist_dir):  # before loading any model: a locked or read-only dir fails in a second
+        compressor = compressor or load_compressor()
+        store = SoftPromptStore.open(persist_dir, compressor)
+        index, store = _build(documents, compressor, store, Path(persist_dir), embed_model or default_embed_model(),
+                              show_progress, parser_kwargs)
         persist_index(index, store, persist_dir, compressor)
     return index, store
 
 
+def _build(documents, compressor, store: SoftPromptStore, persist_dir: Optional[Path], embed_model, show_progress: bool,
+           parser_kwargs: dict):
+    from llama_index.core import VectorStoreIndex
+    from llama_index.core.embeddings.utils import resolve_embed_model
+
+    from .node_parser import LLoCONodeParser
+
+    index = _open_existing(persist_dir, embed_model) if persist_dir is not None else None
+    parser = LLoCONodeParser(compressor, store, **parser_kwargs)
+    # Every document is parsed, also those already indexed: parsing is what checks their soft prompts
+    # and recomputes the missing ones (already-stored chunks cost a hash, not a forward pass).
+    nodes = parser.get_nodes_from_documents(documents, show_progress=show_progress)
+    if index is None:
+        # The faiss index takes the embedder's own width (384 for the shipped all-MiniLM-L6-v2).
+        dim = len(resolve_embed_model(embed_model).get_text_embedding("dimension probe"))
+        index = VectorStoreIndex(nodes, storage_context=_faiss_storage_context(dim), embed_model=embed_model,
+                                 show_progress=show_progress)
+    else:
+        known_ids = set(index.ref_doc_info)
+        known_hashes = set(index.docstore.get_all_document_hashes())
+        fresh = {d.doc_id for d in documents if d.doc_id not in known_ids and d.hash not in known_hashes}
+        changed = [d.doc_id for d in documents if d.doc_id in known_ids and d.hash not in known_hashes]
+        if changed:
+            logger.warning(
+                "%d document(s) are already in the index with other content and were kept as indexed (%s): a faiss "
+                "index cannot replace documents; compress into a new persist dir to index the new versions",
+                len(changed), ", ".join(changed[:3]) + (", ..." if len(changed) > 3 else ""))
+        index.insert_nodes([n for n in nodes if n.ref_doc_id in fresh], show_progress=show_progress)
+    for document in documents:  # lets a later build recognise the same content under another id
+        index.docstore.set_document_hash(document.doc_id, document.hash)
+    return index, store
+
+
+def _open_existing(persist_dir: Path, embed_model):
+    """The index already persisted in ``persist_dir``, or None when there is none yet."""
+    if not (persist_dir / "docstore.json").is_file():
+        return None
+    return _load_storage(persist_dir, embed_model)
+
+
+def _load_storage(persist_dir: Path, embed_model):
+    from llama_index.core import StorageContext, load_index_from_storage
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
+    try:
+        storage = StorageContext.from_defaults(vector_store=FaissVectorStore.from_persist_dir(str(persist_dir)),
+                                               persist_dir=str(persist_dir))
+        return load_index_from_storage(storage, embed_model=embed_model)
+    except (ValueError, RuntimeError, OSError, KeyError) as exc:  # JSONDecodeError is a ValueError; faiss raises RuntimeError
+        raise CorruptStoreError(
+            f"The LlamaIndex files in '{persist_dir}' (docstore.json, index_store.json, default__vector_store.json) "
+            f"are missing or damaged ({type(exc).__name__}: {exc}). The soft prompts in {defaults.STORE_SUBDIR}/ are "
+            f"intact: delete those three files and compress all the documents again into the same persist dir; "
+            f"stored chunks are not recomputed."
+        ) from exc
+
+
 def persist_index(index, store: SoftPromptStore, persist_dir: Union[str, Path], compressor) -> None:
     """Persist the StorageContext, the store and the manifest into ``persist_dir``."""
+    import os
+    import tempfile
+
     persist_dir = Path(persist_dir)
-    index.storage_context.persist(persist_dir=str(persist_dir))
+    persist_dir.mkdir(parents=True, exist_ok=True)
+    # LlamaIndex writes its JSON files in place; written beside and renamed, a kill leaves the old files whole.
+    with tempfile.TemporaryDirectory(dir=persist_dir, prefix=".persist-") as tmp:
+        index.storage_context.persist(persist_dir=tmp)
+        for written in Path(tmp).iterdir():
+            os.replace(written, persist_dir / written.name)
     store.persist(persist_dir)
     write_manifest(persist_dir, compressor)
 
 
 def load_index(persist_dir: Union[str, Path], compressor=None, *, embed_model=None):
     """Reload ``(index, store, compressor)``; refuses a compressor other than the one that wrote the store."""
-    from llama_index.core import StorageContext, load_index_from_storage
-    from llama_index.vector_stores.faiss import FaissVectorStore
-
     compressor = compressor or load_compressor_for(persist_dir)
     store = SoftPromptStore.open(persist_dir, compressor)
-    storage = StorageContext.from_defaults(vector_store=FaissVectorStore.from_persist_dir(str(persist_dir)),
-                                           persist_dir=str(persist_dir))
-    index = load_index_from_storage(storage, embed_model=embed_model or default_embed_model())
+    index = _load_storage(Path(persist_dir), embed_model or default_embed_model())
     return index, store, compressor
 
 

@@ -79,6 +79,11 @@ class LLoCOLLM(CustomLLM):
     # ---------------------------------------------------------------- parts
     @property
     def reader(self) -> SoftPromptReader:
+        # The fields are the source of truth: a change after construction (llm.max_new_tokens = 8) reaches
+        # the reader on its next call.
+        self._reader.max_new_tokens = self.max_new_tokens
+        self._reader.system_prompt = self.system_prompt
+        self._reader.default_adapter = self.adapter
         return self._reader
 
     @property
@@ -132,12 +137,12 @@ class LLoCOLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        result = self._reader.generate([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+        result = self.reader.generate([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
         return CompletionResponse(text=result.text, additional_kwargs=self._result(result))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        stream = self._reader.stream([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+        stream = self.reader.stream([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
 
         def gen() -> CompletionResponseGen:
             text, yielded = "", False
@@ -152,13 +157,13 @@ class LLoCOLLM(CustomLLM):
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        result = self._reader.generate(self._messages(messages), **self._call_kwargs(kwargs))
+        result = self.reader.generate(self._messages(messages), **self._call_kwargs(kwargs))
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),
                             additional_kwargs=self._result(result))
 
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
-        stream = self._reader.stream(self._messages(messages), **self._call_kwargs(kwargs))
+        stream = self.reader.stream(self._messages(messages), **self._call_kwargs(kwargs))
 
         def gen() -> ChatResponseGen:
             text, yielded = "", False
@@ -178,7 +183,7 @@ class LLoCOLLM(CustomLLM):
         if self._batcher is None:
             from ..serving.batching import BatchingQueue
 
-            self._batcher = BatchingQueue(self._reader, max_batch_size=self.max_batch_size)
+            self._batcher = BatchingQueue(self.reader, max_batch_size=self.max_batch_size)
         return self._batcher
 
     @llm_completion_callback()

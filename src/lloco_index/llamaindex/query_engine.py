@@ -6,8 +6,10 @@ from typing import Any, Optional
 
 from llama_index.core import get_response_synthesizer
 from llama_index.core.query_engine import RetrieverQueryEngine
+from llama_index.core.schema import QueryBundle
 
 from .. import defaults
+from ..placeholders import escape_placeholders
 from .prompt_helper import LLoCOPromptHelper
 from .retriever import LLoCORetriever
 
@@ -25,7 +27,17 @@ class LLoCOQueryEngine(RetrieverQueryEngine):
     placeholder as ~10 tokens and ignores a ``prompt_helper`` argument; this
     entry point passes an :class:`LLoCOPromptHelper` to the synthesizer and an
     :class:`LLoCORetriever` with a position budget in front of the index.
+
+    The question is untrusted text: placeholders in it are escaped, so only
+    the soft prompts of the retrieved nodes are read (see
+    :func:`~lloco_index.placeholders.escape_placeholders`).
     """
+
+    def _query(self, query_bundle: QueryBundle):
+        return super()._query(_untrusted(query_bundle))
+
+    async def _aquery(self, query_bundle: QueryBundle):
+        return await super()._aquery(_untrusted(query_bundle))
 
     @classmethod
     def from_index(
@@ -52,3 +64,12 @@ class LLoCOQueryEngine(RetrieverQueryEngine):
         synthesizer = get_response_synthesizer(llm=llm, prompt_helper=helper, response_mode=response_mode,
                                                streaming=streaming, **synth_kwargs)
         return cls(retriever=retriever, response_synthesizer=synthesizer)
+
+
+def _untrusted(query_bundle: QueryBundle) -> QueryBundle:
+    """The question with its placeholders escaped; retrieval still embeds what the user typed."""
+    escaped = escape_placeholders(query_bundle.query_str)
+    if escaped == query_bundle.query_str:
+        return query_bundle
+    return QueryBundle(query_str=escaped, image_path=query_bundle.image_path, embedding=query_bundle.embedding,
+                       custom_embedding_strs=query_bundle.custom_embedding_strs or [query_bundle.query_str])

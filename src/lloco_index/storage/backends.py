@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional, Protocol, Union, runtime_checkable
 
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from ..compressors.base import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)\.pt$")

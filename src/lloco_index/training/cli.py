@@ -151,7 +151,7 @@ def _export(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from ..compressors.base import atomic_write_bytes
+    from ..fileio import atomic_write_bytes
     from . import checkpoint as ckpt
     from .evaluate import evaluate_compressor, held_out_windows, squad_test_qa
     from .model_card import write_model_card
