@@ -18,6 +18,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from .families import check_decoder
 from .models import DecoderBundle, load_decoder
 
 
@@ -31,6 +32,7 @@ class Backbone:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, identity: str, source_path: Optional[str] = None):
+        check_decoder(model)  # refuse an unsupported family here, not with a traceback mid-training
         self.base_model = model
         self.source_path = source_path  # where to reload the decoder from (None: the embedded default)
         self.tokenizer = tokenizer
@@ -75,6 +77,11 @@ class Backbone:
 
     def embedding_table(self) -> torch.nn.Embedding:
         return self.base_model.get_input_embeddings()
+
+    @property
+    def embedding_scale(self) -> float:
+        """The factor the embedding module multiplies its rows by (Gemma: sqrt(hidden); others: 1)."""
+        return float(getattr(self.embedding_table(), "scalar_embed_scale", 1.0))
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding_table()(ids.to(self.device))

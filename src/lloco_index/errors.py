@@ -34,3 +34,7 @@ class AdapterMismatchError(LLoCOError):
 
 class ContextBudgetError(LLoCOError, ValueError):
     """A prompt does not fit into the model's context window."""
+
+
+class UnsupportedModelError(LLoCOError, ValueError):
+    """A decoder is of a model family lloco-index does not support (see docs/models.md)."""

@@ -239,7 +239,7 @@ def fit_projection_lstsq(compressor: ICAECompressor, segments: list[list[int]]) 
                 hidden = _pooled_hidden(compressor, [seg])[0]
             x = hidden.float()
             xs.append(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + proj.eps))
-            ys.append(backbone.embedding_table().weight[torch.tensor(seg, device=backbone.device)].float())
+            ys.append(backbone.embed_ids(torch.tensor(seg)).float())  # as the decoder sees them (Gemma scales)
         X = torch.cat(xs)
         Y = torch.cat(ys)
         X1 = torch.cat([X, torch.ones(X.shape[0], 1, device=X.device)], 1).double().cpu()
