@@ -58,7 +58,7 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lloco-index", description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="lloco-index", description=__doc__.replace("``", ""), formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level (default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
