@@ -43,3 +43,36 @@ def test_subcommand_help_exits_cleanly(capsys):
         build_parser().parse_args(["compress", "--help"])
     assert exc.value.code == 0
     assert "folder of documents" in capsys.readouterr().out
+
+
+def test_compress_twice_reports_no_new_chunks_and_query_lists_sources_by_score(tmp_path, capsys):
+    import re
+
+    from lloco_index.backbone import Backbone
+    from lloco_index.cli import main
+    from lloco_index.compressors import TokenEmbeddingCompressor
+    from lloco_index.compressors.token_embedding import TokenEmbeddingConfig
+
+    from tiny_models import tiny_family_backbone
+
+    model_dir, comp_dir, docs, storage = tmp_path / "model", tmp_path / "comp", tmp_path / "docs", tmp_path / "storage"
+    saved = tiny_family_backbone("llama", initializer_range=0.2)
+    saved.base_model.save_pretrained(str(model_dir))
+    saved.tokenizer.save_pretrained(str(model_dir))
+    backbone = Backbone.load(model_dir)
+    TokenEmbeddingCompressor(backbone, TokenEmbeddingConfig(segment_length=24, base_model=backbone.identity)).save_pretrained(comp_dir)
+    docs.mkdir()
+    for name, fact in [("bees", "Bees make honey from nectar."), ("ships", "Lighthouses warn ships of reefs."),
+                       ("wheels", "Bicycles have two wheels.")]:
+        (docs / f"{name}.txt").write_text(" ".join([fact] * 8))
+    argv = ["compress", str(docs), "--persist-dir", str(storage), "--compressor", str(comp_dir), "--decoder", str(model_dir)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    n = int(re.search(r"-> (\d+) soft prompts", first).group(1))
+    assert f"{n} new chunks compressed, 0 already stored" in first
+    assert main(argv) == 0
+    assert f"0 new chunks compressed, {n} already stored and not recompressed" in capsys.readouterr().out
+
+    assert main(["query", str(storage), "What do bees make?", "--top-k", "4", "--max-new-tokens", "2"]) == 0
+    scores = [float(s) for s in re.findall(r"^  \[(-?[0-9.]+)\]", capsys.readouterr().out, re.M)]
+    assert len(scores) >= 2 and scores == sorted(scores, reverse=True)

@@ -23,10 +23,16 @@ def _compress(args: argparse.Namespace) -> None:
     from .compressors import load_compressor
     from .llamaindex import build_index
 
+    from .store import SoftPromptStore
+
     compressor = load_compressor(args.compressor, decoder=args.decoder)
     docs = SimpleDirectoryReader(str(args.directory), recursive=True, required_exts=args.ext or None).load_data()
+    stored = args.persist_dir / defaults.STORE_SUBDIR
+    before = set(SoftPromptStore.open(args.persist_dir, compressor).ids()) if stored.is_dir() else set()
     index, store = build_index(docs, compressor, persist_dir=args.persist_dir, show_progress=True)
-    print(f"{len(docs)} documents -> {len(store)} soft prompts in {args.persist_dir} (compressor {compressor.fingerprint})")
+    new = len(set(store.ids()) - before)
+    print(f"{len(docs)} documents -> {len(store)} soft prompts in {args.persist_dir} (compressor {compressor.fingerprint}): "
+          f"{new} new chunks compressed, {len(store) - new} already stored and not recompressed")
 
 
 def _query(args: argparse.Namespace) -> None:
@@ -40,7 +46,8 @@ def _query(args: argparse.Namespace) -> None:
     engine = LLoCOQueryEngine.from_index(index, llm, response_mode=args.mode, similarity_top_k=args.top_k)
     response = engine.query(args.question)
     print(str(response).strip())
-    for n in response.source_nodes:
+    # The retriever hands chunks to the LLM in reading order; the listing is by relevance, best first.
+    for n in sorted(response.source_nodes, key=lambda n: n.score or 0.0, reverse=True):
         print(f"  [{n.score:.3f}] {n.node.metadata.get('file_name', '')} soft prompt {n.node.metadata[ID_KEY]} "
               f"({store.num_positions(n.node.metadata[ID_KEY])} positions): {n.node.text[:80]!r}...")
 
