@@ -36,5 +36,9 @@ class ContextBudgetError(LLoCOError, ValueError):
     """A prompt does not fit into the model's context window."""
 
 
+class DataNotFoundError(LLoCOError, FileNotFoundError):
+    """Training or evaluation data is missing."""
+
+
 class UnsupportedModelError(LLoCOError, ValueError):
     """A decoder is of a model family lloco-index does not support (see docs/models.md)."""

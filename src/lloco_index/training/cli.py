@@ -39,6 +39,8 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--run-dir", help="where checkpoints and metrics.jsonl go (resumes if it has checkpoints)")
     g.add_argument("--data-dir", default=d.data_dir, help="the shared data (train splits for training, test for eval)")
     g.add_argument("--sources", default=",".join(d.sources), help="train sources, comma-separated")
+    g.add_argument("--text", default=None, help="train on your own text instead of the shared data: a .txt file, a "
+                   ".jsonl file with a 'text' field per line, or a folder of them (every 10th document is held out)")
     g.add_argument("--decoder", default=None, help="local Hugging Face decoder directory of a supported family (default: embedded SmolLM2)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, default=None, help="torch threads (e.g. 2 on a shared CPU)")
@@ -99,7 +101,7 @@ def config_from_args(args: argparse.Namespace):
 
     base = json.loads(open(args.config).read()) if getattr(args, "config", None) else {}
     mapping = dict(
-        run_dir=args.run_dir, data_dir=args.data_dir, sources=args.sources.split(","), decoder=args.decoder,
+        run_dir=args.run_dir, data_dir=args.data_dir, sources=args.sources.split(","), text=args.text, decoder=args.decoder,
         device=args.device, threads=args.threads, method=args.method, ac_segments=args.ac_segments,
         chunks_curriculum=args.chunks_curriculum, pooling=args.pooling, segment_length=args.segment_length,
         n_slots=args.n_slots, pool_layer=args.pool_layer, lora_r=args.lora_r, init_projection=args.init_projection,
