@@ -128,7 +128,10 @@ class Backbone:
         with self.lock:
             if not self.has_adapter(name):
                 raise KeyError(f"Adapter '{name}' is not loaded; loaded adapters: {self.adapter_names}.")
-            self.peft_model.delete_adapter(name)
+            with warnings.catch_warnings():
+                # "Adapter X was active which is now deleted": using() activates adapters per call anyway.
+                warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+                self.peft_model.delete_adapter(name)
 
     def adapter_holder(self, name: str) -> Optional[object]:
         """The live object that reserved adapter ``name`` with :meth:`reserve_adapter_name`, if any."""

@@ -26,13 +26,40 @@ def _compress(args: argparse.Namespace) -> None:
     from .store import SoftPromptStore
 
     compressor = load_compressor(args.compressor, decoder=args.decoder)
-    docs = SimpleDirectoryReader(str(args.directory), recursive=True, required_exts=args.ext or None).load_data()
+    with _quiet_optional_readers():
+        docs = SimpleDirectoryReader(str(args.directory), recursive=True, required_exts=args.ext or None).load_data()
+    rich = sorted({Path(d.metadata.get("file_path", "")).suffix for d in docs} & _RICH_FORMATS)
+    if rich:
+        print(f"note: {', '.join(rich)} files were read as plain text; `pip install llama-index-readers-file` "
+              f"reads them properly", file=sys.stderr)
     stored = args.persist_dir / defaults.STORE_SUBDIR
     before = set(SoftPromptStore.open(args.persist_dir, compressor).ids()) if stored.is_dir() else set()
     index, store = build_index(docs, compressor, persist_dir=args.persist_dir, show_progress=True)
     new = len(set(store.ids()) - before)
     print(f"{len(docs)} documents -> {len(store)} soft prompts in {args.persist_dir} (compressor {compressor.fingerprint}): "
           f"{new} new chunks compressed, {len(store) - new} already stored and not recompressed")
+
+
+# Formats that SimpleDirectoryReader reads properly only with llama-index-readers-file installed.
+_RICH_FORMATS = {".pdf", ".docx", ".pptx", ".epub", ".hwp", ".ipynb", ".mbox", ".xlsx", ".csv", ".jpg", ".png", ".mp3", ".mp4"}
+
+
+class _quiet_optional_readers:
+    """Drop SimpleDirectoryReader's "`llama-index-readers-file` package not found" warning, logged once per
+    reader it builds (three times per compress): plain-text folders do not need the package, and the one
+    line printed after loading says when a folder does."""
+
+    class _Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "llama-index-readers-file" not in record.getMessage()
+
+    def __enter__(self):
+        self.filter = self._Filter()
+        self.logger = logging.getLogger("llama_index.core.readers.file.base")
+        self.logger.addFilter(self.filter)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self.filter)
 
 
 def _query(args: argparse.Namespace) -> None:
