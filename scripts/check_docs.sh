@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check the documentation: build the mkdocs site with --strict (broken links, docstring warnings and any
+# Check the documentation: the generated sections in docs/*.md are up to date, the mkdocs site builds with --strict (broken links, docstring warnings and any
 # error message missing from docs/troubleshooting.md fail it), then run every tutorial notebook top to bottom
 # with nbmake on the embedded default model. Installs the `docs` extra into .venv if it is missing.
 #
@@ -18,6 +18,10 @@ fi
 
 site_dir=$(mktemp -d)
 trap 'rm -rf "$site_dir"' EXIT
+
+# The generated sections (CLI reference, defaults, benchmarks, model cards) live in the files too, so that they
+# read in the repository; fail when one no longer matches the code.
+"$PY" docs/hooks/generated.py --check
 
 start=$(date +%s)
 NO_MKDOCS_2_WARNING=1 "$PY" -m mkdocs build --strict --site-dir "$site_dir"

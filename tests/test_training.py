@@ -302,3 +302,30 @@ def test_model_card_describes_each_method():
     assert "learned memory tokens" in describe_method({**base, "pooling": "memory"})
     text = describe_method({**base, "method": "autocompressor"})
     assert "AutoCompressor" in text and "merged" in text and "8x" in text
+
+
+def test_pretrain_without_data_is_a_clear_error_and_leaves_no_run_dir(tmp_path, capsys):
+    from lloco_index.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["pretrain", "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "no-data"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--text" in err and "Traceback" not in err
+    assert not run_dir.exists()
+    assert main(["pretrain", "--run-dir", str(run_dir), "--text", str(tmp_path / "empty"), "--steps", "1"]) == 2
+    assert "No training text" in capsys.readouterr().err and not run_dir.exists()
+
+
+def test_pretrain_on_your_own_text_folder(tmp_path, tokenizer):
+    import json
+
+    folder = tmp_path / "my-text"
+    (folder / "sub").mkdir(parents=True)
+    sentences = TEXT.split(". ")
+    for i in range(6):
+        (folder / f"doc{i}.txt").write_text(". ".join(sentences[i:] + sentences[:i]))
+    (folder / "sub" / "more.jsonl").write_text("\n".join(json.dumps({"text": TEXT[i * 50:]}) for i in range(6)))
+    result = pretrain(config(tmp_path / "run", text=str(folder), steps=2, eval_every=2, eval_windows=2,
+                             checkpoint_every=0), backbone=tiny_backbone(tokenizer), progress=False)
+    assert result.step == 2 and all(math.isfinite(r["loss"]) for r in result.history if "loss" in r)
+    assert result.last_eval and math.isfinite(result.last_eval["cont_own"])  # held out from the same text

@@ -40,3 +40,32 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, max_positions: 
 def tiny_backbone(seed: int = 0, identity: str = "tiny-test", **kwargs) -> Backbone:
     """A fresh Backbone (its own model, so adapters never leak between tests)."""
     return Backbone(tiny_llama(seed, **kwargs), smollm2_tokenizer(), identity)
+
+
+# Tiny random configs of every supported decoder family (docs/models.md), all on SmolLM2's tokenizer so that
+# the text side is the same for each; 4 heads of 16, 2 KV heads, 2 layers. Gemma's sliding-window layers get
+# a window shorter than the test prompts, so the local-attention path runs too.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text")
+
+
+def tiny_family_model(family: str, seed: int = 0, hidden: int = 64, initializer_range: float = 0.02):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = smollm2_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=2048,
+        initializer_range=initializer_range, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    if family in ("mistral", "gemma2", "gemma3_text"):
+        common["sliding_window"] = 16
+    if family in ("gemma2", "gemma3_text"):
+        common["query_pre_attn_scalar"] = hidden // 4
+    config = AutoConfig.for_model(family, **common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_family_backbone(family: str, seed: int = 0, identity: str | None = None, **kwargs) -> Backbone:
+    return Backbone(tiny_family_model(family, seed, **kwargs), smollm2_tokenizer(), identity or f"tiny-{family}")

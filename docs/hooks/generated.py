@@ -1,6 +1,8 @@
 """MkDocs hook: pages generated from the package itself, so the docs cannot drift from the code.
 
-Markers replaced in the Markdown of a page:
+Sections generated in the Markdown of a page, between ``<!-- lloco:NAME -->`` and ``<!-- /lloco:NAME -->``
+(the files in the repository carry the generated text: ``python docs/hooks/generated.py --write`` refreshes
+it, ``--check`` fails when it is stale, and the site build regenerates it either way):
 
 * ``<!-- lloco:cli -->``        the ``--help`` of ``lloco-index`` and every subcommand (from ``build_parser()``)
 * ``<!-- lloco:defaults -->``   a table of every constant in ``lloco_index/defaults.py`` (the single source of truth)
@@ -323,10 +325,42 @@ _GENERATORS = {
 }
 
 
-def on_page_markdown(markdown: str, page, config, files) -> str:
+def _end_marker(marker: str) -> str:
+    return marker.replace("<!-- lloco:", "<!-- /lloco:")
+
+
+def render_generated(markdown: str) -> str:
+    """``markdown`` with every generated section filled in between its markers.
+
+    A section is written as ``<!-- lloco:NAME -->`` ... ``<!-- /lloco:NAME -->``; the text between is replaced,
+    so the files in the repository carry the generated text (readable without a site build) and
+    ``--check`` can tell when it is stale. A bare start marker gets its end marker added.
+    """
     for marker, generate in _GENERATORS.items():
-        if marker in markdown:
-            markdown = markdown.replace(marker, generate())
+        if marker not in markdown:
+            continue
+        end = _end_marker(marker)
+        body = f"{marker}\n\n{generate().strip()}\n\n{end}"
+        if end in markdown:
+            pattern = re.escape(marker) + r".*?" + re.escape(end)
+            markdown = re.sub(pattern, lambda _: body, markdown, count=1, flags=re.S)
+        else:
+            markdown = markdown.replace(marker, body, 1)
+    return markdown
+
+
+def generated_pages() -> list[Path]:
+    """The pages under docs/ that hold a generated section."""
+    return [p for p in sorted(DOCS.glob("*.md")) if any(m in p.read_text(encoding="utf-8") for m in _GENERATORS)]
+
+
+def stale_pages() -> list[Path]:
+    """Pages whose generated sections differ from what the code generates now."""
+    return [p for p in generated_pages() if render_generated(p.read_text(encoding="utf-8")) != p.read_text(encoding="utf-8")]
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    markdown = render_generated(markdown)
     if page.file.src_uri == "troubleshooting.md":
         missing = check_error_coverage(markdown)
         for item in missing:
@@ -334,11 +368,26 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     return markdown
 
 
-if __name__ == "__main__":  # python docs/hooks/generated.py: list the messages (to update troubleshooting.md)
+if __name__ == "__main__":
+    # python docs/hooks/generated.py            list the error messages (to update troubleshooting.md)
+    #                                --missing  the ones troubleshooting.md does not quote
+    #                                --write    regenerate the generated sections of the pages in docs/
+    #                                --check    exit 1 when a generated section is stale (CI: check_docs.sh)
     import sys
 
     text = (DOCS / "troubleshooting.md").read_text(encoding="utf-8") if (DOCS / "troubleshooting.md").is_file() else ""
-    if "--missing" in sys.argv:
+    if "--write" in sys.argv:
+        with _plain_env():
+            for page in generated_pages():
+                page.write_text(render_generated(page.read_text(encoding="utf-8")), encoding="utf-8")
+                print(f"wrote {page.relative_to(ROOT)}")
+    elif "--check" in sys.argv:
+        with _plain_env():
+            stale = stale_pages()
+        for page in stale:
+            print(f"{page.relative_to(ROOT)} is stale: run `python docs/hooks/generated.py --write` and commit it")
+        sys.exit(1 if stale else 0)
+    elif "--missing" in sys.argv:
         for item in check_error_coverage(text):
             print(item)
     else:

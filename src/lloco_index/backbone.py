@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from .errors import ModelNotFoundError
+from .families import check_decoder
 from .models import DecoderBundle, load_decoder
 
 
@@ -32,6 +33,7 @@ class Backbone:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, identity: str, source_path: Optional[str] = None):
+        check_decoder(model)  # refuse an unsupported family here, not with a traceback mid-training
         self.base_model = model
         self.source_path = source_path  # where to reload the decoder from (None: the embedded default)
         self.tokenizer = tokenizer
@@ -76,6 +78,11 @@ class Backbone:
 
     def embedding_table(self) -> torch.nn.Embedding:
         return self.base_model.get_input_embeddings()
+
+    @property
+    def embedding_scale(self) -> float:
+        """The factor the embedding module multiplies its rows by (Gemma: sqrt(hidden); others: 1)."""
+        return float(getattr(self.embedding_table(), "scalar_embed_scale", 1.0))
 
     def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding_table()(ids.to(self.device))
@@ -135,7 +142,10 @@ class Backbone:
         with self.lock:
             if not self.has_adapter(name):
                 raise KeyError(f"Adapter '{name}' is not loaded; loaded adapters: {self.adapter_names}.")
-            self.peft_model.delete_adapter(name)
+            with warnings.catch_warnings():
+                # "Adapter X was active which is now deleted": using() activates adapters per call anyway.
+                warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
+                self.peft_model.delete_adapter(name)
 
     def adapter_holder(self, name: str) -> Optional[object]:
         """The live object that reserved adapter ``name`` with :meth:`reserve_adapter_name`, if any."""

@@ -23,18 +23,23 @@ def _compress(args: argparse.Namespace) -> None:
     from .fileio import exclusive_lock
     from .llamaindex import build_index
     from .llamaindex.documents import read_documents
+    from .store import SoftPromptStore
 
     # Inputs and the persist dir are checked before any model is loaded (that takes tens of seconds).
     docs = read_documents(args.directory, args.ext)
     with exclusive_lock(args.persist_dir):
         before = _indexed_documents(args.persist_dir)
         compressor = load_compressor(args.compressor, decoder=args.decoder)
+        stored = (set(SoftPromptStore.open(args.persist_dir, compressor).ids())
+                  if (args.persist_dir / defaults.STORE_SUBDIR).is_dir() else set())
     # build_index takes the lock again for the whole build; between the two another writer may start, and
     # then build_index refuses with the same "locked" error.
     index, store = build_index(docs, compressor, persist_dir=args.persist_dir, show_progress=True)
     total = len(index.ref_doc_info)
+    new = len(set(store.ids()) - stored)
     print(f"{len(docs)} documents read, {total - before} added to the index ({total} in all) -> {len(store)} soft "
-          f"prompts in {args.persist_dir} (compressor {compressor.fingerprint})")
+          f"prompts in {args.persist_dir} (compressor {compressor.fingerprint}): {new} new chunks compressed, "
+          f"{len(store) - new} already stored and not recompressed")
 
 
 def _indexed_documents(persist_dir: Path) -> int:
@@ -93,53 +98,71 @@ def _precision(args: argparse.Namespace) -> None:
     print(describe(select_device()))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lloco-index", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, except flags (off unless given) and unset (None) defaults,
+    whose help says what happens instead."""
 
-    p = sub.add_parser("demo", help="compress the shipped sample corpus and answer questions over it")
-    p.add_argument("--persist-dir", type=Path, default=None, help=f"default: {defaults.cache_dir() / 'demo-storage'}")
-    p.add_argument("--questions", type=int, default=6)
-    p.add_argument("--top-k", type=int, default=3)
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or isinstance(
+                action, (argparse._StoreTrueAction, argparse._HelpAction)) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lloco-index", description=__doc__.replace("``", ""), formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level (default: warnings only)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".",
+                              formatter_class=HelpFormatter)
+
+    p = add("demo", "compress the shipped sample corpus and answer questions over it")
+    p.add_argument("--persist-dir", type=Path, default=None,
+                   help=f"where the demo index is kept and reused (default: {defaults.cache_dir() / 'demo-storage'})")
+    p.add_argument("--questions", type=int, default=6, help="sample questions to answer")
+    p.add_argument("--top-k", type=int, default=3, help="chunks retrieved per question")
     p.add_argument("--no-compare", action="store_true", help="skip the full-text baseline answers")
     p.add_argument("--expand-top-k", type=int, default=defaults.DEFAULT_EXPAND_TOP_K,
                    help="retrieved chunks the hybrid answer reads as text (default: %(default)s)")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("compress", help="compress a directory of documents into a persisted index")
-    p.add_argument("directory", type=Path)
-    p.add_argument("--persist-dir", type=Path, required=True)
+    p = add("compress", "compress a directory of documents into a persisted index")
+    p.add_argument("directory", type=Path, help="folder of documents, read recursively (SimpleDirectoryReader)")
+    p.add_argument("--persist-dir", type=Path, required=True,
+                   help="index directory to create or extend; chunks already in its store are not compressed again")
     p.add_argument("--compressor", type=Path, default=None, help="compressor directory (default: the shipped one)")
     p.add_argument("--decoder", default=None, help="local decoder directory (default: embedded SmolLM2)")
-    p.add_argument("--ext", action="append", help="file extensions to read, e.g. --ext .txt (repeatable)")
+    p.add_argument("--ext", action="append", help="file extensions to read, e.g. --ext .txt (repeatable; default: all)")
     p.set_defaults(func=_compress)
 
-    p = sub.add_parser("query", help="ask a question over a persisted index")
-    p.add_argument("persist_dir", type=Path)
-    p.add_argument("question")
-    p.add_argument("--mode", default="compact", choices=["compact", "refine", "tree_summarize", "simple_summarize"])
-    p.add_argument("--top-k", type=int, default=defaults.DEFAULT_TOP_K)
-    p.add_argument("--max-new-tokens", type=int, default=defaults.DEFAULT_MAX_NEW_TOKENS)
+    p = add("query", "ask a question over a persisted index")
+    p.add_argument("persist_dir", type=Path, help="index directory written by `lloco-index compress`")
+    p.add_argument("question", help="the question, quoted")
+    p.add_argument("--mode", default="compact", choices=["compact", "refine", "tree_summarize", "simple_summarize"],
+                   help="LlamaIndex response mode: how retrieved chunks are packed into LLM calls")
+    p.add_argument("--top-k", type=int, default=defaults.DEFAULT_TOP_K, help="chunks retrieved")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.DEFAULT_MAX_NEW_TOKENS, help="longest answer, in tokens")
     p.add_argument("--expand-top-k", type=int, default=defaults.DEFAULT_EXPAND_TOP_K,
-                   help="best retrieved chunks read as text, the rest as soft prompts; 0: soft prompts only "
-                        "(default: %(default)s)")
+                   help="best retrieved chunks read as text, the rest as soft prompts; 0: soft prompts only")
     p.add_argument("--policy", default=defaults.DEFAULT_EXPANSION_POLICY, choices=["score", "likelihood"],
-                   help="which chunks to expand: the retriever's ranking or the decoder's likelihood of the question "
-                        "(default: %(default)s)")
-    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to read with")
-    p.add_argument("--adapter-name", default="user_adapter")
+                   help="which chunks to expand: the retriever's ranking or the decoder's likelihood of the question")
+    p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to read with (default: the "
+                   "compressor's reader adapter, if it has one)")
+    p.add_argument("--adapter-name", default="user_adapter", help="name the --adapter is loaded under")
     p.set_defaults(func=_query)
 
     from .eval.cli import add_bench_arguments, run_bench
 
-    add_bench_arguments(sub.add_parser("bench", help="benchmarks against the baselines (lloco_index.eval)"))
+    add_bench_arguments(add("bench", "benchmarks against the baselines (lloco_index.eval)"))
     sub.choices["bench"].set_defaults(func=run_bench)
-    _add_subcommand(sub, "pretrain", "train a compressor (lloco_index.training)", "lloco_index.training.cli",
-                  "add_pretrain_arguments", "run_pretrain")
-    _add_subcommand(sub, "finetune", "finetune a LoRA adapter from an index (lloco_index.finetune)",
-                  "lloco_index.finetune.cli", "add_finetune_arguments", "run_finetune")
-    p = sub.add_parser("precision", help="print the compute precision this machine uses, and why")
+    _add_subcommand(add, "pretrain", "train a compressor (lloco_index.training)", "lloco_index.training.cli",
+                    "add_pretrain_arguments", "run_pretrain")
+    _add_subcommand(add, "finetune", "finetune a LoRA adapter from an index (lloco_index.finetune)",
+                    "lloco_index.finetune.cli", "add_finetune_arguments", "run_finetune")
+    p = add("precision", "print the compute precision this machine uses, and why")
     p.set_defaults(func=_precision)
     for p in sub.choices.values():
         p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"],
@@ -148,12 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_subcommand(sub, name: str, help_text: str, module: str, add: str, run: str) -> None:
+def _add_subcommand(add, name: str, help_text: str, module: str, add_arguments: str, run: str) -> None:
     import importlib
 
     mod = importlib.import_module(module)
-    p = sub.add_parser(name, help=help_text)
-    getattr(mod, add)(p)
+    p = add(name, help_text)
+    getattr(mod, add_arguments)(p)
     p.set_defaults(func=getattr(mod, run))
 
 

@@ -48,3 +48,11 @@ class PersistDirError(LLoCOError):
 
 class InputError(LLoCOError):
     """An input (a directory, a text, a command-line value) cannot be used as given."""
+
+
+class DataNotFoundError(LLoCOError, FileNotFoundError):
+    """Training or evaluation data is missing."""
+
+
+class UnsupportedModelError(LLoCOError, ValueError):
+    """A decoder is of a model family lloco-index does not support (see docs/models.md)."""

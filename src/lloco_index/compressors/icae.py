@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..backbone import Backbone
+from ..families import LORA_TARGETS  # noqa: F401  (training imports it from here)
 from ..precision import autocast
 from .base import BaseCompressor, CompressorConfig
 from .projection import SoftPromptProjection
@@ -38,7 +39,6 @@ READER_ADAPTER = "lloco_reader"
 ENCODER_ADAPTER_N = "lloco_enc_{:04d}"
 READER_ADAPTER_N = "lloco_rdr_{:04d}"
 READER_SUBDIR = "reader"
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -100,7 +100,8 @@ class ICAECompressor(BaseCompressor):
             LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=config.lora_targets,
                        layers_to_transform=layers),
         )
-        table = backbone.embedding_table().weight.detach()
+        # The rows as the decoder sees them: Gemma's embedding module scales them by sqrt(hidden).
+        table = backbone.embedding_table().weight.detach() * backbone.embedding_scale
         target_norm = float(table.float().norm(dim=-1).mean())
         # Memory tokens start as real token embeddings: in-distribution inputs for the encoder.
         init = table[torch.randint(0, table.shape[0], (config.n_slots,), generator=torch.Generator().manual_seed(0))]

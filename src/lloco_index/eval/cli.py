@@ -29,9 +29,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--adapter", default=None, help="finetuned LoRA adapter directory: adds the lloco+adapter system")
     parser.add_argument("--decoder", default=None, help="local Hugging Face decoder directory (default: embedded SmolLM2)")
     parser.add_argument("--systems", nargs="+", choices=list(BASE_SYSTEMS), default=None, help="subset of systems")
-    parser.add_argument("--datasets", nargs="+", choices=["squad", "quality", "needle"], default=None)
+    parser.add_argument("--datasets", nargs="+", choices=["squad", "quality", "needle"], default=None, help="subset of data sets (default: the suite's)")
     parser.add_argument("--top-k", type=int, default=defaults.DEFAULT_TOP_K, help="retrieved chunks for rag/llmlingua/lloco")
-    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="longest answer (default: per data set)")
     parser.add_argument("--llmlingua-rate", type=float, default=None, help="default: slots / segment length of the compressor")
     parser.add_argument("--peer-max-examples", type=int, default=-1,
                         help="LLMLingua examples per dataset (-1: the suite's own limit; 0 or more: that many)")

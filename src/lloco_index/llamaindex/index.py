@@ -2,7 +2,9 @@
 
 ``persist_dir`` holds the index's StorageContext (docstore, index store, faiss
 vectors), the soft-prompt store (``lloco_store/``) and ``lloco_index.json``,
-which says which compressor and decoder made it.
+which says which compressor and decoder made it. With ``vector_store=`` any
+LlamaIndex vector store (Qdrant, Chroma, pgvector, ...) holds the vectors instead
+of faiss: soft prompts and placeholders never depend on it (docs/vector-stores.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from ..manifest import load_compressor_for, write_manifest
 from ..store import SoftPromptStore
 
 logger = logging.getLogger(__name__)
-
 
 
 def default_embed_model():
@@ -45,11 +46,16 @@ def build_index(
     persist_dir: Optional[Union[str, Path]] = None,
     embed_model=None,
     show_progress: bool = False,
+    vector_store=None,
     **parser_kwargs: Any,
 ):
     """Compress documents into a VectorStoreIndex (faiss + local embedder) and its store.
 
     >>> index, store = build_index(SimpleDirectoryReader("docs/").load_data(), persist_dir="./storage")
+    >>> index, store = build_index(docs, persist_dir="./storage", vector_store=QdrantVectorStore(...))
+
+    ``vector_store``: any LlamaIndex vector store to hold the node embeddings (default: a faiss
+    ``IndexFlatIP`` persisted in ``persist_dir``); reopen with ``load_index(..., vector_store=...)``.
 
     Returns ``(index, store)``. With ``persist_dir`` everything is written
     there, the store chunk by chunk as it is compressed, so an interrupted run
@@ -65,29 +71,36 @@ def build_index(
     if not persist_dir:
         compressor = compressor or load_compressor()
         return _build(documents, compressor, SoftPromptStore.for_compressor(compressor), None,
-                      embed_model or default_embed_model(), show_progress, parser_kwargs)
+                      embed_model or default_embed_model(), show_progress, parser_kwargs, vector_store)
     with exclusive_lock(persist_dir):  # before loading any model: a locked or read-only dir fails in a second
         compressor = compressor or load_compressor()
         store = SoftPromptStore.open(persist_dir, compressor)
         index, store = _build(documents, compressor, store, Path(persist_dir), embed_model or default_embed_model(),
-                              show_progress, parser_kwargs)
+                              show_progress, parser_kwargs, vector_store)
         persist_index(index, store, persist_dir, compressor)
     return index, store
 
 
 def _build(documents, compressor, store: SoftPromptStore, persist_dir: Optional[Path], embed_model, show_progress: bool,
-           parser_kwargs: dict):
+           parser_kwargs: dict, vector_store=None):
     from llama_index.core import VectorStoreIndex
     from llama_index.core.embeddings.utils import resolve_embed_model
 
     from .node_parser import LLoCONodeParser
 
-    index = _open_existing(persist_dir, embed_model) if persist_dir is not None else None
+    index = _open_existing(persist_dir, embed_model, vector_store) if persist_dir is not None else None
     parser = LLoCONodeParser(compressor, store, **parser_kwargs)
     # Every document is parsed, also those already indexed: parsing is what checks their soft prompts
     # and recomputes the missing ones (already-stored chunks cost a hash, not a forward pass).
     nodes = parser.get_nodes_from_documents(documents, show_progress=show_progress)
-    if index is None:
+    if index is None and vector_store is not None:
+        from llama_index.core import StorageContext
+
+        # store_nodes_override: the docstore keeps every node even where the vector store holds text too, so
+        # the persist dir alone still knows its chunks (resumable compress, finetuning data).
+        index = VectorStoreIndex(nodes, storage_context=StorageContext.from_defaults(vector_store=vector_store),
+                                 embed_model=embed_model, show_progress=show_progress, store_nodes_override=True)
+    elif index is None:
         # The faiss index takes the embedder's own width (384 for the shipped all-MiniLM-L6-v2).
         dim = len(resolve_embed_model(embed_model).get_text_embedding("dimension probe"))
         index = VectorStoreIndex(nodes, storage_context=_faiss_storage_context(dim), embed_model=embed_model,
@@ -108,20 +121,30 @@ def _build(documents, compressor, store: SoftPromptStore, persist_dir: Optional[
     return index, store
 
 
-def _open_existing(persist_dir: Path, embed_model):
+def _open_existing(persist_dir: Path, embed_model, vector_store=None):
     """The index already persisted in ``persist_dir``, or None when there is none yet."""
     if not (persist_dir / "docstore.json").is_file():
         return None
-    return _load_storage(persist_dir, embed_model)
+    return _load_storage(persist_dir, embed_model, vector_store)
 
 
-def _load_storage(persist_dir: Path, embed_model):
+def _load_storage(persist_dir: Path, embed_model, vector_store=None):
     from llama_index.core import StorageContext, load_index_from_storage
     from llama_index.vector_stores.faiss import FaissVectorStore
 
+    from ..errors import StoreMismatchError
+    from ..manifest import read_manifest
+
+    recorded = (read_manifest(persist_dir) or {}).get("vector_store")
+    if vector_store is None and recorded:
+        raise StoreMismatchError(
+            f"'{persist_dir}' keeps its vectors in a {recorded}, not in a faiss file of its own. Reopen that vector "
+            f"store and pass it: load_index(persist_dir, vector_store=...)."
+        )
     try:
-        storage = StorageContext.from_defaults(vector_store=FaissVectorStore.from_persist_dir(str(persist_dir)),
-                                               persist_dir=str(persist_dir))
+        if vector_store is None:
+            vector_store = FaissVectorStore.from_persist_dir(str(persist_dir))
+        storage = StorageContext.from_defaults(vector_store=vector_store, persist_dir=str(persist_dir))
         return load_index_from_storage(storage, embed_model=embed_model)
     except (ValueError, RuntimeError, OSError, KeyError) as exc:  # JSONDecodeError is a ValueError; faiss raises RuntimeError
         raise CorruptStoreError(
@@ -145,14 +168,30 @@ def persist_index(index, store: SoftPromptStore, persist_dir: Union[str, Path], 
         for written in Path(tmp).iterdir():
             os.replace(written, persist_dir / written.name)
     store.persist(persist_dir)
-    write_manifest(persist_dir, compressor)
+    write_manifest(persist_dir, compressor, vector_store=_external_store_name(index))
 
 
-def load_index(persist_dir: Union[str, Path], compressor=None, *, embed_model=None):
-    """Reload ``(index, store, compressor)``; refuses a compressor other than the one that wrote the store."""
+def _external_store_name(index) -> Optional[str]:
+    """The vector store's class name when it is not the faiss store kept in the persist dir."""
+    from llama_index.vector_stores.faiss import FaissVectorStore
+
+    vector_store = index.storage_context.vector_store
+    return None if isinstance(vector_store, FaissVectorStore) else type(vector_store).__name__
+
+
+def load_index(persist_dir: Union[str, Path], compressor=None, *, embed_model=None, vector_store=None):
+    """Reload ``(index, store, compressor)``; refuses a compressor other than the one that wrote the store.
+
+    ``vector_store``: the vector store the index was built with, reopened (e.g.
+    ``QdrantVectorStore(client=QdrantClient(path=...), collection_name=...)``); default: the persist dir's faiss.
+    """
+    from ..manifest import read_manifest
+
+    if vector_store is None and (read_manifest(persist_dir) or {}).get("vector_store"):
+        _load_storage(Path(persist_dir), None)  # raises the precise error before any model loads
     compressor = compressor or load_compressor_for(persist_dir)
     store = SoftPromptStore.open(persist_dir, compressor)
-    index = _load_storage(Path(persist_dir), embed_model or default_embed_model())
+    index = _load_storage(Path(persist_dir), embed_model or default_embed_model(), vector_store)
     return index, store, compressor
 
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
+from .. import defaults
+from ..errors import DataNotFoundError
+
 TRAIN_SOURCES = ("squad", "quality", "squality", "qmsum")
 TEST_SOURCES = ("squad", "quality")
 
@@ -99,8 +102,25 @@ def load_documents(data_dir: Union[str, Path], split: str = "train", sources: Op
     for name in sources:
         path, reader = files[name]
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: point --data-dir (or $LLOCO_DATA_DIR) at the shared data.")
+            raise DataNotFoundError(
+                f"{path} is missing. Train on your own text with --text PATH (a .txt file, a .jsonl file with a 'text' "
+                f"field per line, or a folder of them), or point --data-dir (or ${defaults.DATA_DIR_ENV}) at the shared data."
+            )
         docs.extend(reader(path))
+    return docs
+
+
+def load_text_documents(path: Union[str, Path]) -> list[Document]:
+    """Bring-your-own training text: a ``.txt`` file (one document), a ``.jsonl`` file (a ``text`` field per
+    line, one document each), or a folder searched recursively for both, in path order."""
+    path = Path(path).expanduser()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")) if path.is_dir() else []
+    docs = [d for f in files for d in load_text_file(f) if d.text.strip()]
+    if not docs:
+        raise DataNotFoundError(
+            f"No training text at '{path}'. --text takes a .txt file, a .jsonl file with a 'text' field per line, "
+            f"or a folder of them."
+        )
     return docs
 
 

@@ -36,6 +36,7 @@ from .data import (
     Window,
     WindowSampler,
     load_documents,
+    load_text_documents,
     load_qa_jsonl,
     load_squad_qa,
     make_windows,
@@ -54,6 +55,9 @@ class PretrainConfig:
     run_dir: str
     data_dir: str = field(default_factory=lambda: str(defaults.data_dir()))
     sources: list[str] = field(default_factory=lambda: list(TRAIN_SOURCES))
+    # Your own text instead of the shared data: a .txt file, a .jsonl file ('text' per line) or a folder of them.
+    # Every tenth document (at least one, when there are two or more) is held out for the evaluations.
+    text: Optional[str] = None
     decoder: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
     device: str = "cpu"
     # --- compressor
@@ -239,7 +243,7 @@ def fit_projection_lstsq(compressor: ICAECompressor, segments: list[list[int]]) 
                 hidden = _pooled_hidden(compressor, [seg])[0]
             x = hidden.float()
             xs.append(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + proj.eps))
-            ys.append(backbone.embedding_table().weight[torch.tensor(seg, device=backbone.device)].float())
+            ys.append(backbone.embed_ids(torch.tensor(seg)).float())  # as the decoder sees them (Gemma scales)
         X = torch.cat(xs)
         Y = torch.cat(ys)
         X1 = torch.cat([X, torch.ones(X.shape[0], 1, device=X.device)], 1).double().cpu()
@@ -321,6 +325,14 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     >>> pretrain(PretrainConfig(run_dir="runs/mean-4x", n_slots=64, pool_layer=8, steps=400))
     """
     config.check()
+    docs = eval_docs = None
+    if windows is None:  # read the data first: a missing data set must not leave an empty run dir behind
+        if config.text:
+            docs = load_text_documents(config.text)
+            eval_docs = docs[::10] if len(docs) > 1 else docs
+            docs = [d for i, d in enumerate(docs) if i % 10] or docs
+        else:
+            docs = load_documents(config.data_dir, "train", config.sources)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
@@ -331,13 +343,12 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     mix = ObjectiveMix(dict(config.objectives))
 
     if windows is None:
-        docs = load_documents(config.data_dir, "train", config.sources)
         token_docs = tokenize_documents(docs, backbone.tokenize)
         windows = make_windows(token_docs, config.segment_length * config.max_segments, config.continuation_length)
     if eval_windows is None and config.eval_every:
         eval_windows = held_out_windows(backbone, config.data_dir, config.eval_windows,
                                         config.eval_segment_length or config.segment_length,
-                                        config.eval_continuation_length)
+                                        config.eval_continuation_length, documents=eval_docs)
     qa_pool = None
     if mix.weights.get("qa", 0) > 0:
         qa_pool = load_qa_jsonl(config.qa_file) if config.qa_file else load_squad_qa(
