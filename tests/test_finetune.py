@@ -393,3 +393,14 @@ def test_starts_from_the_compressors_reader_adapter(tmp_path):
     assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
     # The reader adapter itself is untouched by training.
     assert all(torch.equal(reader[k], backbone.adapter_state_dict("lloco_reader")[k]) for k in reader)
+
+
+def test_expansion_mix_trains_on_text_soft_and_mixed_contexts(corpus, tmp_path):
+    engine = engine_for(corpus, QA, tmp_path / "mix", use_gold_contexts=False, expansion_mix=(0, 1, 2))
+    train, val = engine.build_examples()
+    placeholders = {len(find_ids(e.messages[-1]["content"])) for e in train + val}
+    assert placeholders == {0, 1, 2}  # all text, one of each, all soft prompts (2 retrieved chunks)
+    again = engine_for(corpus, QA, tmp_path / "mix", use_gold_contexts=False, expansion_mix=(0, 1, 2))
+    assert [e.messages for e in again.build_examples()[0]] == [e.messages for e in train]  # a stable pick per question
+    with pytest.raises(ValueError, match="expansion_mix must list expand_top_k values >= 0"):
+        engine_for(corpus, QA, tmp_path / "bad", expansion_mix=(-1,))

@@ -26,6 +26,9 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=None, help="adapter directory (default: PERSIST_DIR/adapters/NAME)")
     parser.add_argument("--adapter-name", default="lloco_domain", help="name recorded in the adapter and used to load it")
     parser.add_argument("--top-k", type=int, default=defaults.DEFAULT_TOP_K, help="retrieval top-k, as used when querying")
+    parser.add_argument("--expansion-mix", default=None,
+                        help="expand_top_k values cycled over the examples, e.g. 0,1,2,4, so the adapter reads every mix "
+                             "of text and soft prompts (default: the retriever's own setting, as when querying)")
     parser.add_argument("--position-budget", type=int, default=None, help="most soft-prompt positions per example (default: the retriever's, as when querying)")
     parser.add_argument("--no-gold-contexts", action="store_true", help="retrieve even where the data has contexts")
     parser.add_argument("--instruction-data", type=Path, default=None, help="general instruction data (jsonl) to mix in")
@@ -76,6 +79,7 @@ def run_finetune(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     try:  # every option is checked before a model is loaded
         config = config_from_args(args)
+        mix = [int(v) for v in args.expansion_mix.split(",")] if args.expansion_mix else None
     except ValueError as exc:
         raise InputError(f"lloco-index finetune: {exc}. Fix that option and run again.") from exc
     generate = args.data == "generate"
@@ -89,7 +93,7 @@ def run_finetune(args: argparse.Namespace) -> None:
         config=config, similarity_top_k=args.top_k, position_budget=args.position_budget,
         use_gold_contexts=not args.no_gold_contexts, instruction_data=args.instruction_data,
         question_llm=llm if generate else None, num_questions_per_chunk=args.questions_per_chunk,
-        max_question_nodes=args.max_question_nodes, show_progress=not args.no_progress)
+        max_question_nodes=args.max_question_nodes, expansion_mix=mix, show_progress=not args.no_progress)
     result = engine.finetune(stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
     print(json.dumps(result.metrics(), indent=2))
     if result.finished:
