@@ -35,6 +35,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--llmlingua-rate", type=float, default=None, help="default: slots / segment length of the compressor")
     parser.add_argument("--peer-max-examples", type=int, default=-1,
                         help="LLMLingua examples per dataset (-1: the suite's own limit; 0 or more: that many)")
+    parser.add_argument("--needle-lengths", type=int, nargs="+", default=None, help="needle haystack lengths in tokens (default: the suite's)")
+    parser.add_argument("--needle-depths", type=float, nargs="+", default=None, help="needle depths in [0, 1] (default: the suite's)")
+    parser.add_argument("--max-questions", type=int, default=None, help="SQuAD questions per article (default: the suite's)")
     parser.add_argument("--expand-top-k", type=int, nargs="+", default=[],
                         help="add hybrid<n> systems: the lloco systems with the n best chunks read as text")
     parser.add_argument("--tag", default=None, help="name of the result files (default: the suite)")
@@ -52,14 +55,22 @@ def run_bench(args: argparse.Namespace) -> dict:
         tag = args.tag or args.suite
         summary = write_report(Path(args.out_dir) / f"results-{tag}.jsonl", args.out_dir, tag)
     else:
-        from .runner import run_benchmark
+        import dataclasses
 
+        from .runner import SUITES, run_benchmark
+
+        spec = SUITES[args.suite]
+        needle = dict(spec.needle or {})
+        needle.update({k: v for k, v in (("lengths", args.needle_lengths), ("depths", args.needle_depths)) if v})
+        squad = dict(spec.squad or {}, **({"max_questions": args.max_questions} if args.max_questions else {}))
+        overridden = needle != (spec.needle or {}) or squad != (spec.squad or {})
+        spec = dataclasses.replace(spec, needle=needle or spec.needle, squad=squad or spec.squad)
         summary = run_benchmark(
-            suite=args.suite, data_dir=args.data_dir, out_dir=args.out_dir, compressor_dir=args.compressor_dir,
+            suite=spec if overridden else args.suite, data_dir=args.data_dir, out_dir=args.out_dir, compressor_dir=args.compressor_dir,
             adapter=args.adapter, compressors=args.compressors, systems=args.systems, datasets=args.datasets,
             decoder=args.decoder, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
-            llmlingua_rate=args.llmlingua_rate, peer_max_examples=args.peer_max_examples, tag=args.tag,
-            expand_top_k=args.expand_top_k,
+            llmlingua_rate=args.llmlingua_rate, peer_max_examples=args.peer_max_examples,
+            tag=args.tag or (args.suite if not overridden else f"{args.suite}-custom"), expand_top_k=args.expand_top_k,
         )
     for key in ("results", "table"):
         if key in summary:
