@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -22,35 +21,12 @@ from .backbone import Backbone
 from .errors import ContextBudgetError
 from .precision import generation_autocast
 from .placeholders import SoftPromptRef, split_prompt
+from .prompt_types import GenerationResult, Message, PreparedPrompt  # re-exported: the reader's public types
 from .store import SoftPromptStore
 
 AUTO = "auto"  # use the compressor's reader adapter when it ships one
 
 
-@dataclass
-class PreparedPrompt:
-    """What the decoder will read, and how the positions split between text and soft prompts."""
-
-    inputs_embeds: torch.Tensor  # [1, positions, hidden]
-    text_positions: int
-    soft_positions: int
-    soft_prompt_ids: list[str] = field(default_factory=list)
-
-    @property
-    def positions(self) -> int:
-        return self.text_positions + self.soft_positions
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt: PreparedPrompt
-    new_tokens: int
-    prefill_s: float = 0.0
-    total_s: float = 0.0
-
-
-Message = dict  # {"role": "user" | "system" | "assistant", "content": str}
 
 
 class SoftPromptReader:

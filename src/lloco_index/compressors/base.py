@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
-from ..errors import EmptyDocumentError, ModelNotFoundError
+from ..errors import EmptyDocumentError, ModelNotFoundError, StoreMismatchError
 from ..fileio import atomic_write_bytes
 
 
@@ -56,6 +56,33 @@ class CompressorConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
 
+def read_compressor_config(directory: Union[str, Path]) -> dict:
+    """The parsed ``lloco_compressor.json`` of a compressor directory."""
+    directory = Path(directory)
+    path = directory / defaults.COMPRESSOR_CONFIG_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"No compressor at '{directory}' ({defaults.COMPRESSOR_CONFIG_NAME} missing). Pass a directory written "
+            f"by save_pretrained / `lloco-index pretrain`, or omit it to use the shipped default."
+        )
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelNotFoundError(f"{path} is not valid JSON ({exc}); restore or re-save the compressor.") from exc
+
+
+def decoder_for(config: dict) -> Optional[str]:
+    """The decoder a compressor config was trained with, as ``Backbone.load`` takes it (``None``: the default)."""
+    base = config.get("base_model")
+    if base in (None, defaults.DEFAULT_DECODER_NAME):
+        return None
+    if isinstance(base, str) and base.startswith("local:"):
+        raise ModelNotFoundError(
+            f"This compressor was trained for the local decoder '{base}': pass decoder=<its directory>."
+        )
+    return base
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
     from safetensors.torch import save
 
@@ -85,6 +112,11 @@ class BaseCompressor:
     # How the reader lays out prompts around these soft prompts: "chat" applies the decoder's chat
     # template; "plain" is raw text without BOS, as LLoCO reads AutoCompressor summaries.
     prompt_format: ClassVar[str] = "chat"
+    # The LoRA adapter on the backbone that reads this compressor's soft prompts, when it ships one
+    # (SoftPromptReader(adapter="auto") selects it); subclasses that carry one override this.
+    reader_adapter: Optional[str] = None
+    # The directory the compressor was loaded from (None when built in code); indexes record it.
+    source_dir: Optional[Path] = None
 
     def __init__(self, backbone: Backbone, config: CompressorConfig):
         self._backbone = backbone
@@ -199,6 +231,29 @@ class BaseCompressor:
         self.config.base_model = self.backbone.identity
         atomic_save_safetensors(self.weights(), directory / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
         atomic_write_bytes(directory / defaults.COMPRESSOR_CONFIG_NAME, self.config.to_json().encode())
+
+    @classmethod
+    def from_directory(cls, directory: Union[str, Path], config_dict: Optional[dict] = None, *,
+                       backbone: Optional[Backbone] = None,
+                       decoder: Optional[Union[str, Path]] = None) -> "BaseCompressor":
+        """Load a directory written by :meth:`save_pretrained` (``load_compressor`` calls this).
+
+        ``backbone`` is a decoder already loaded, ``decoder`` where to load one from; default: the
+        decoder the config records. Either way it must be the decoder the compressor was trained for.
+        """
+        directory = Path(directory)
+        if config_dict is None:
+            config_dict = read_compressor_config(directory)
+        if backbone is None:
+            backbone = Backbone.load(decoder if decoder is not None else decoder_for(config_dict))
+        if config_dict.get("base_model") and config_dict["base_model"] != backbone.identity:
+            raise StoreMismatchError(
+                f"Compressor at '{directory}' was trained for base model '{config_dict['base_model']}', but the loaded "
+                f"decoder is '{backbone.identity}'. Load the decoder it was trained with, or train a compressor for this one."
+            )
+        compressor = cls._from_directory(directory, backbone, config_dict)
+        compressor.source_dir = directory.resolve()
+        return compressor
 
     @classmethod
     def _from_directory(cls, directory: Path, backbone: Backbone, config_dict: dict) -> "BaseCompressor":

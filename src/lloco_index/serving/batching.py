@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from ..precision import generation_autocast
+from ..prompt_types import GenerationResult, Message, PreparedPrompt
 
-if TYPE_CHECKING:  # pragma: no cover - import cycle guard (generation imports this module lazily)
-    from ..generation import GenerationResult, Message, PreparedPrompt, SoftPromptReader
+if TYPE_CHECKING:  # pragma: no cover - the reader calls into this module; only its type is named here
+    from ..generation import SoftPromptReader
 
 DEFAULT_MAX_BATCH_SIZE = 8
 
@@ -91,8 +92,6 @@ def generate_prepared_batch(
     greedy answers in practice; the tests check equality).
     """
     from transformers import StoppingCriteriaList
-
-    from ..generation import GenerationResult
 
     start = time.perf_counter()
     limits = [int(n) for n in max_new_tokens]

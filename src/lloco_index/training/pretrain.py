@@ -520,4 +520,4 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
 
 def _export_autocompressor(compressor: AutoCompressor, out_dir: Path) -> AutoCompressor:
     compressor.save_merged(out_dir)
-    return AutoCompressor.from_pretrained_directory(out_dir, device=compressor.backbone.device)
+    return AutoCompressor.from_directory(out_dir, device=compressor.backbone.device)
