@@ -329,3 +329,44 @@ def test_pretrain_on_your_own_text_folder(tmp_path, tokenizer):
                              checkpoint_every=0), backbone=tiny_backbone(tokenizer), progress=False)
     assert result.step == 2 and all(math.isfinite(r["loss"]) for r in result.history if "loss" in r)
     assert result.last_eval and math.isfinite(result.last_eval["cont_own"])  # held out from the same text
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in Backbone.load once it has seen where the decoder would go."""
+
+
+def _spy_on_decoder_device(monkeypatch) -> list:
+    from lloco_index.training import pretrain as pretrain_module
+
+    seen = []
+
+    def load(name_or_path=None, *, dtype=None, device=None):
+        seen.append(device)
+        raise _Loaded
+
+    monkeypatch.setattr(pretrain_module.Backbone, "load", staticmethod(load))
+    return seen
+
+
+def test_pretrain_device_is_where_the_decoder_loads(tmp_path, windows, monkeypatch):
+    seen = _spy_on_decoder_device(monkeypatch)
+    with pytest.raises(_Loaded):
+        pretrain(config(tmp_path / "a", device="meta"), windows=windows, eval_windows=[], progress=False)
+    assert seen == [torch.device("meta")]
+    # Unset, it follows $LLOCO_DEVICE like every other decoder load.
+    monkeypatch.setenv("LLOCO_DEVICE", "meta")
+    assert config(tmp_path / "b").device is None
+    with pytest.raises(_Loaded):
+        pretrain(config(tmp_path / "b"), windows=windows, eval_windows=[], progress=False)
+    assert seen[-1] == torch.device("meta")
+
+
+def test_pretrain_cli_device_reaches_the_config(tmp_path, monkeypatch):
+    from lloco_index.cli import main
+
+    seen = _spy_on_decoder_device(monkeypatch)
+    (tmp_path / "text.txt").write_text(TEXT)
+    with pytest.raises(_Loaded):
+        main(["pretrain", "--run-dir", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt"), "--steps", "1",
+              "--eval-every", "0", "--device", "meta"])
+    assert seen == [torch.device("meta")]

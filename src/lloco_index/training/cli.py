@@ -42,7 +42,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default=None, help="train on your own text instead of the shared data: a .txt file, a "
                    ".jsonl file with a 'text' field per line, or a folder of them (every 10th document is held out)")
     g.add_argument("--decoder", default=None, help="local Hugging Face decoder directory of a supported family (default: embedded SmolLM2)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default: $LLOCO_DEVICE, else a GPU when there is one, else the CPU)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (e.g. 2 on a shared CPU)")
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     g.add_argument("--config", help="JSON file with PretrainConfig fields (flags given explicitly override it)")
