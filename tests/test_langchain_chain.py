@@ -198,15 +198,15 @@ def test_construction_errors_are_precise():
 
 def test_default_falls_back_to_identity_compressor_with_a_warning(monkeypatch):
     import lloco_index.backbone as backbone_module
-    import lloco_index.compressors as compressors
+    from lloco_index.compressors import loading
     from lloco_index.errors import ModelNotFoundError
 
     def missing(*args, **kwargs):
         raise ModelNotFoundError("No compressor at 'pretrained/smollm2-135m-compressor'")
 
-    monkeypatch.setattr(compressors, "load_compressor", missing)
+    monkeypatch.setattr(loading, "load_compressor", missing)
     monkeypatch.setattr(backbone_module.Backbone, "load", classmethod(lambda cls, *a, **k: tiny_backbone()))
-    with pytest.warns(UserWarning, match="falls back to the identity TokenEmbeddingCompressor"):
+    with pytest.warns(UserWarning, match="Using the identity TokenEmbeddingCompressor"):
         model = ChatLLoCO.default()
     assert model.compressor.config.mode == "token_embedding"
 
