@@ -66,7 +66,7 @@ class SoftPromptReader:
     def resolve_adapter(self, adapter: Optional[str] = AUTO) -> Optional[str]:
         adapter = self.default_adapter if adapter == AUTO else adapter
         if adapter == AUTO:
-            return getattr(self.compressor, "reader_adapter", None)
+            return self.compressor.reader_adapter if self.compressor is not None else None
         return adapter
 
     # ------------------------------------------------------------ templates
@@ -76,7 +76,7 @@ class SoftPromptReader:
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         tok = self.backbone.tokenizer
-        fmt = getattr(self.compressor, "prompt_format", "chat")
+        fmt = self.compressor.prompt_format if self.compressor is not None else "chat"
         if fmt == "chat" and getattr(tok, "chat_template", None):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         body = "\n\n".join(m["content"] for m in messages)

@@ -29,6 +29,9 @@ class Compressor(Protocol):
 
     n_slots: int
     segment_length: int
+    prompt_format: str  # "chat" or "plain": how the reader lays out prompts around the soft prompts
+    reader_adapter: Optional[str]  # the backbone adapter that reads these soft prompts, if any
+    source_dir: Optional[Path]  # the directory it was loaded from (None: built in code)
 
     @property
     def fingerprint(self) -> str: ...

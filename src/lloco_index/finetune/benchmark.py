@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return answer
 
     conditions = [("soft_prompts_no_adapter", via_engine(plain))]
-    reader = getattr(compressor, "reader_adapter", None)
+    reader = compressor.reader_adapter
     if reader is not None:  # the compressor's own reader: what the domain adapter starts from
         shipped = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=reader)
         conditions += [("soft_prompts_reader_adapter", via_engine(shipped)),

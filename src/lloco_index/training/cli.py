@@ -206,7 +206,7 @@ def _eval_only(args: argparse.Namespace) -> int:
     windows = held_out_windows(backbone, args.data_dir, args.eval_windows, args.eval_segment_length or compressor.segment_length,
                                64, documents=documents)
     qa = squad_test_qa(backbone, args.data_dir, args.qa, compressor.segment_length) if args.qa else None
-    metrics = evaluate_compressor(compressor, windows, reader_adapter=getattr(compressor, "reader_adapter", None), qa=qa)
+    metrics = evaluate_compressor(compressor, windows, reader_adapter=compressor.reader_adapter, qa=qa)
     print(json.dumps({"compressor": compressor.fingerprint, "windows": len(windows), **metrics}, indent=2))
     return 0
 
