@@ -190,6 +190,25 @@ def test_export_round_trip(tmp_path, tokenizer, windows):
     assert torch.allclose(a, b) and torch.allclose(la, lb)
 
 
+def test_model_card_records_the_machine_the_run_trained_on(tmp_path, tokenizer, windows):
+    from lloco_index.training.model_card import describe_machine, write_model_card
+
+    pretrain(config(tmp_path / "run", steps=2, checkpoint_every=2), backbone=tiny_backbone(tokenizer),
+             windows=windows, progress=False)
+    _, state = ckpt.latest_checkpoint(tmp_path / "run")
+    assert state["machine"] == describe_machine("cpu") and "torch threads" in state["machine"]
+    card_args = dict(base_model="tiny", config={**state["config"], "reader": True}, final_eval=None,
+                     command="lloco-index pretrain", step=2, wall_hours=0.5)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out2").mkdir()
+    card = write_model_card(str(tmp_path / "out"), str(tmp_path / "run"), machine=state["machine"], **card_args)
+    text = card.read_text()
+    assert f"wall time 0.50 h on {state['machine']}" in text and "2-core" not in text
+    # A checkpoint that predates the record says so instead of naming a machine.
+    unknown = write_model_card(str(tmp_path / "out2"), str(tmp_path / "run"), **card_args).read_text()
+    assert "on a machine the run did not record" in unknown
+
+
 def test_reader_and_encoder_both_train_with_teacher_passes(tmp_path, tokenizer, windows):
     # The KL objective runs the plain base model (adapters disabled) inside a training step; that must not
     # freeze the reader or the encoder adapter (peft re-enables only the last active adapter).

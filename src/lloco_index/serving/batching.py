@@ -67,8 +67,7 @@ class _PerRowLimit:
     receives pad tokens afterwards, and the batch ends when every row is done.
     """
 
-    def __init__(self, prompt_width: int, limits: Sequence[int], device: torch.device):
-        self.prompt_width = prompt_width
+    def __init__(self, limits: Sequence[int], device: torch.device):
         self.limits = torch.tensor(list(limits), dtype=torch.long, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -100,7 +99,7 @@ def generate_prepared_batch(
     kwargs.update(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max(limits))
     # generate() derives the same position ids from the left-padded mask (cumsum - 1) and extends them per
     # step; passing them explicitly is not portable across transformers 4.56-5.x (4.x would not extend them).
-    criteria = StoppingCriteriaList([_PerRowLimit(embeds.shape[1], limits, embeds.device)])
+    criteria = StoppingCriteriaList([_PerRowLimit(limits, embeds.device)])
     with torch.inference_mode(), reader.backbone.using(adapter) as model, generation_autocast(reader.backbone.device):
         out = model.generate(**kwargs, stopping_criteria=criteria)
     elapsed = time.perf_counter() - start

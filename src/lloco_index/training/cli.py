@@ -1,6 +1,6 @@
 """Command-line front end of compressor pretraining (``lloco-index pretrain``).
 
-The lead's CLI calls :func:`add_pretrain_arguments` on its sub-parser and
+``lloco-index`` (:mod:`lloco_index.cli`) calls :func:`add_pretrain_arguments` on its sub-parser and
 :func:`run_pretrain` with the parsed args; ``python -m lloco_index.training.cli``
 runs it standalone.
 
@@ -186,7 +186,7 @@ def _export(args: argparse.Namespace) -> int:
     card = write_model_card(args.out, args.export, base_model=backbone.identity, config=card_config,
                             final_eval=metrics, step=step, command="lloco-index pretrain " + " ".join(sys.argv[1:]),
                             wall_hours=(times[-1] - times[0]) / 3600 if len(times) > 1 else None,
-                            extra_notes=_read_notes(args.notes))
+                            extra_notes=_read_notes(args.notes), machine=state.get("machine"))
     print(f"wrote {card}")
     return 0
 

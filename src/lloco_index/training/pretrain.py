@@ -45,6 +45,7 @@ from .data import (
     tokenize_documents,
 )
 from .evaluate import evaluate_compressor, held_out_windows
+from .model_card import describe_machine
 from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
 from .recursive import recursive_lm_loss, split_segments
 
@@ -390,11 +391,13 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
             tqdm.write(f"projection initialised by least squares (relative residual {residual:.3f})")
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
+    machine = describe_machine(backbone.device)  # for the model card
+
     def save(at: int) -> None:
         ckpt.save_checkpoint(run_dir, at, {
             "config": asdict(config), "model": trainable_state(compressor), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "rng": ckpt.rng_state(),
-            "history": history}, keep=config.keep_checkpoints)
+            "history": history, "machine": machine}, keep=config.keep_checkpoints)
 
     def run_eval(at: int) -> dict[str, float]:
         metrics = evaluate_compressor(compressor, eval_windows, reader_adapter=compressor.reader_adapter,
