@@ -52,7 +52,7 @@ from .. import defaults
 from ..backbone import Backbone
 from ..errors import ModelNotFoundError, StoreMismatchError
 from ..precision import autocast
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, read_json
 from ..models import select_device, select_dtype
 from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, read_compressor_config, tensors_digest
 
@@ -480,10 +480,8 @@ def inspect_checkpoint(directory: Union[str, Path], *, tokenizer: Optional[Union
             f"No AutoCompressor checkpoint at '{directory}' (config.json missing). Download it to a local directory, "
             f"e.g. {_download_hint(directory)}, and pass that directory."
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelNotFoundError(f"{config_path} is not valid JSON ({exc}); restore it: {_download_hint(directory, 'config.json')}.") from exc
+    config = read_json(config_path, lambda exc: ModelNotFoundError(
+        f"{config_path} is not valid JSON ({exc}); restore it: {_download_hint(directory, 'config.json')}."))
     if not isinstance(config.get("summary_length"), int) or config["summary_length"] <= 0:
         raise ModelNotFoundError(
             f"'{directory}' is not an AutoCompressor checkpoint: config.json has no positive 'summary_length'. For a plain "

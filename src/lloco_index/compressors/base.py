@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .. import defaults
 from ..backbone import Backbone
 from ..errors import EmptyDocumentError, ModelNotFoundError, StoreMismatchError
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, read_json
 
 
 @runtime_checkable
@@ -68,10 +68,8 @@ def read_compressor_config(directory: Union[str, Path]) -> dict:
             f"No compressor at '{directory}' ({defaults.COMPRESSOR_CONFIG_NAME} missing). Pass a directory written "
             f"by save_pretrained / `lloco-index pretrain`, or omit it to use the shipped default."
         )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelNotFoundError(f"{path} is not valid JSON ({exc}); restore or re-save the compressor.") from exc
+    return read_json(path, lambda exc: ModelNotFoundError(
+        f"{path} is not valid JSON ({exc}); restore or re-save the compressor."))
 
 
 def decoder_for(config: dict) -> Optional[str]:
