@@ -256,7 +256,11 @@ def test_reader_generates_from_soft_prompt(compressor, tmp_path):
     assert len(found) == 1  # the summaries are spliced in whole, once
     result = reader.generate(messages)
     assert 1 <= result.new_tokens <= 4
-    assert isinstance(result.text, str)
+    # The answer is the greedy continuation of exactly these embeddings (summaries spliced in).
+    with torch.inference_mode():
+        out = compressor.backbone.base_model.generate(**reader.generate_kwargs(prepared, 4))
+    assert result.text == compressor.backbone.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    assert result.prompt.soft_positions == prepared.soft_positions
 
 
 def test_reader_adapter_is_not_saved_into_decoder(checkpoint, tmp_path):

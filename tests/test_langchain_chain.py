@@ -56,7 +56,7 @@ def llm(persisted) -> ChatLLoCO:
 def test_lcel_rag_chain_reads_the_retrieved_soft_prompts(persisted, llm):
     _, retriever = persisted
     answer = rag_chain(retriever, llm).invoke(QUESTION)
-    assert isinstance(answer, str) and answer
+    assert answer.strip()  # and equal to the message read through the same chain, below
 
     docs = retriever.invoke(QUESTION)
     message = ({"context": retriever | format_docs, "question": RunnablePassthrough()} | PROMPT | llm).invoke(QUESTION)
