@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -50,15 +51,14 @@ def squad_requests(path: Path, n: int) -> list[tuple[str, str]]:
 
 
 def load_compressor_for_bench(backbone: Backbone, compressor_dir: str | None):
-    from lloco_index.compressors import TokenEmbeddingCompressor, load_compressor
-    from lloco_index.errors import ModelNotFoundError
+    from lloco_index.compressors import default_compressor, load_compressor
 
     if compressor_dir:
         return load_compressor(compressor_dir, backbone=backbone)
-    try:
-        return load_compressor(backbone=backbone)  # the shipped default, when there is one
-    except ModelNotFoundError:
-        return TokenEmbeddingCompressor(backbone)
+    compressor, notice = default_compressor(backbone)
+    if notice:
+        print(notice, file=sys.stderr)
+    return compressor
 
 
 def divergence(reader: SoftPromptReader, messages, reference: str, other: str) -> dict:

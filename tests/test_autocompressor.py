@@ -256,7 +256,11 @@ def test_reader_generates_from_soft_prompt(compressor, tmp_path):
     assert len(found) == 1  # the summaries are spliced in whole, once
     result = reader.generate(messages)
     assert 1 <= result.new_tokens <= 4
-    assert isinstance(result.text, str)
+    # The answer is the greedy continuation of exactly these embeddings (summaries spliced in).
+    with torch.inference_mode():
+        out = compressor.backbone.base_model.generate(**reader.generate_kwargs(prepared, 4))
+    assert result.text == compressor.backbone.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    assert result.prompt.soft_positions == prepared.soft_positions
 
 
 def test_reader_adapter_is_not_saved_into_decoder(checkpoint, tmp_path):
@@ -290,3 +294,45 @@ def test_without_accumulation_only_the_last_summary_is_kept(compressor):
     # Segments 1 and 2 are identical in both modes; segment 3 saw only segment 2's summary here.
     assert not torch.allclose(last.float(), accumulated[-SUMMARY_LENGTH:].float(), atol=1e-2)
     assert rmt.fingerprint != compressor.fingerprint
+
+
+def test_load_compressor_honours_backbone_and_decoder(compressor, tmp_path):
+    from lloco_index.errors import StoreMismatchError
+    from tiny_models import tiny_backbone
+
+    directory = compressor.source_dir
+    expected = load_compressor(directory).fingerprint
+    # The decoder already loaded is reused rather than loaded a second time.
+    reused = load_compressor(directory, backbone=compressor.backbone)
+    assert reused.backbone is compressor.backbone and reused.fingerprint == expected
+    # decoder= reads the decoder from another directory holding the same weights.
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(directory / "decoder", moved)
+    from_moved = load_compressor(directory, decoder=moved)
+    assert from_moved.backbone.source_path == str(moved.resolve())
+    assert from_moved.fingerprint == expected
+    # Another decoder is refused, not silently replaced by the recorded one.
+    with pytest.raises(StoreMismatchError, match="was saved with decoder"):
+        load_compressor(directory, backbone=tiny_backbone())
+    with pytest.raises(ModelNotFoundError, match="has no decoder"):
+        load_compressor(directory, decoder=tmp_path / "missing")
+
+
+def test_decoder_loads_on_its_device_and_leaves_the_cache_alone(compressor, monkeypatch):
+    from lloco_index.backbone import Backbone
+
+    monkeypatch.delenv("LLOCO_DEVICE", raising=False)
+    directory = compressor.source_dir
+    on_meta = AutoCompressor.from_directory(directory, device="meta")
+    assert on_meta.backbone.device.type == "meta" and on_meta.embed_summary.weight.device.type == "meta"
+    # The CPU copy cached for the same directory is still on the CPU.
+    assert Backbone.load(directory / "decoder").device.type == "cpu"
+    assert compressor.backbone.device.type == "cpu"
+
+
+def test_device_default_follows_lloco_device(compressor, monkeypatch):
+    monkeypatch.setenv("LLOCO_DEVICE", "meta")
+    loaded = AutoCompressor.from_directory(compressor.source_dir)
+    assert loaded.backbone.device.type == "meta"
+    monkeypatch.setenv("LLOCO_DEVICE", "cpu")
+    assert AutoCompressor.from_directory(compressor.source_dir).backbone.device.type == "cpu"

@@ -150,7 +150,11 @@ def test_llm_chat_stream_and_counting(compressor, tmp_path):
     streamed = list(llm.stream_complete(prompt))
     assert streamed[-1].text == full.text
     chat = llm.chat([ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content=prompt)])
-    assert isinstance(chat.message.content, str)
+    # The system message reaches the reader: the answer is the reader's own for both messages.
+    direct = llm.reader.generate([{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}])
+    assert chat.message.content == direct.text
+    assert chat.additional_kwargs["soft_positions"] == store.num_positions(pid)
+    assert "Be brief." in llm.reader.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}])
 
 
 def test_retriever_expands_the_best_chunk_to_its_text_in_a_copy():

@@ -36,4 +36,9 @@ def test_faiss_index_without_gpu_is_unchanged():
 def test_gpu_defaults_are_bf16(monkeypatch):
     monkeypatch.delenv("LLOCO_DEVICE", raising=False)
     assert select_device().type == "cuda"
-    assert select_dtype("cuda") in (torch.bfloat16, torch.float16)
+    from lloco_index.backbone import Backbone
+
+    weights = next(Backbone.load().base_model.parameters())
+    # bf16 from Ampere (compute capability 8) on, fp16 before it.
+    assert weights.device.type == "cuda"
+    assert weights.dtype == (torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16)

@@ -190,6 +190,25 @@ def test_export_round_trip(tmp_path, tokenizer, windows):
     assert torch.allclose(a, b) and torch.allclose(la, lb)
 
 
+def test_model_card_records_the_machine_the_run_trained_on(tmp_path, tokenizer, windows):
+    from lloco_index.training.model_card import describe_machine, write_model_card
+
+    pretrain(config(tmp_path / "run", steps=2, checkpoint_every=2), backbone=tiny_backbone(tokenizer),
+             windows=windows, progress=False)
+    _, state = ckpt.latest_checkpoint(tmp_path / "run")
+    assert state["machine"] == describe_machine("cpu") and "torch threads" in state["machine"]
+    card_args = dict(base_model="tiny", config={**state["config"], "reader": True}, final_eval=None,
+                     command="lloco-index pretrain", step=2, wall_hours=0.5)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out2").mkdir()
+    card = write_model_card(str(tmp_path / "out"), str(tmp_path / "run"), machine=state["machine"], **card_args)
+    text = card.read_text()
+    assert f"wall time 0.50 h on {state['machine']}" in text and "2-core" not in text
+    # A checkpoint that predates the record says so instead of naming a machine.
+    unknown = write_model_card(str(tmp_path / "out2"), str(tmp_path / "run"), **card_args).read_text()
+    assert "on a machine the run did not record" in unknown
+
+
 def test_reader_and_encoder_both_train_with_teacher_passes(tmp_path, tokenizer, windows):
     # The KL objective runs the plain base model (adapters disabled) inside a training step; that must not
     # freeze the reader or the encoder adapter (peft re-enables only the last active adapter).
@@ -329,3 +348,44 @@ def test_pretrain_on_your_own_text_folder(tmp_path, tokenizer):
                              checkpoint_every=0), backbone=tiny_backbone(tokenizer), progress=False)
     assert result.step == 2 and all(math.isfinite(r["loss"]) for r in result.history if "loss" in r)
     assert result.last_eval and math.isfinite(result.last_eval["cont_own"])  # held out from the same text
+
+
+class _Loaded(Exception):
+    """Raised by a stand-in Backbone.load once it has seen where the decoder would go."""
+
+
+def _spy_on_decoder_device(monkeypatch) -> list:
+    from lloco_index.training import pretrain as pretrain_module
+
+    seen = []
+
+    def load(name_or_path=None, *, dtype=None, device=None):
+        seen.append(device)
+        raise _Loaded
+
+    monkeypatch.setattr(pretrain_module.Backbone, "load", staticmethod(load))
+    return seen
+
+
+def test_pretrain_device_is_where_the_decoder_loads(tmp_path, windows, monkeypatch):
+    seen = _spy_on_decoder_device(monkeypatch)
+    with pytest.raises(_Loaded):
+        pretrain(config(tmp_path / "a", device="meta"), windows=windows, eval_windows=[], progress=False)
+    assert seen == [torch.device("meta")]
+    # Unset, it follows $LLOCO_DEVICE like every other decoder load.
+    monkeypatch.setenv("LLOCO_DEVICE", "meta")
+    assert config(tmp_path / "b").device is None
+    with pytest.raises(_Loaded):
+        pretrain(config(tmp_path / "b"), windows=windows, eval_windows=[], progress=False)
+    assert seen[-1] == torch.device("meta")
+
+
+def test_pretrain_cli_device_reaches_the_config(tmp_path, monkeypatch):
+    from lloco_index.cli import main
+
+    seen = _spy_on_decoder_device(monkeypatch)
+    (tmp_path / "text.txt").write_text(TEXT)
+    with pytest.raises(_Loaded):
+        main(["pretrain", "--run-dir", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt"), "--steps", "1",
+              "--eval-every", "0", "--device", "meta"])
+    assert seen == [torch.device("meta")]

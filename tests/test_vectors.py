@@ -31,5 +31,10 @@ def test_eval_and_langchain_share_one_embedder_model():
     from lloco_index.eval.retrieval import load_embedder
     from lloco_index.langchain.search import Embedder as LangChainEmbedder
 
-    assert LangChainEmbedder is Embedder
-    assert load_embedder() is Embedder().model  # one copy of all-MiniLM-L6-v2 per process
+    texts = ["bees make honey", "lighthouses stand on the coast", "honey bees"]
+    eval_vectors = as_embedder(load_embedder()).embed_documents(texts)
+    langchain_vectors = LangChainEmbedder().embed_documents(texts)
+    np.testing.assert_array_equal(eval_vectors, langchain_vectors)  # the benchmark ranks as the LangChain index does
+    rows, _ = DenseIndex(langchain_vectors).search(LangChainEmbedder().embed_query("who makes honey?")[None], 2)
+    assert sorted(rows) == [0, 2]
+    assert load_embedder() is LangChainEmbedder().model  # one copy of all-MiniLM-L6-v2 per process

@@ -20,7 +20,7 @@ import torch
 
 from .errors import ModelNotFoundError
 from .families import check_decoder
-from .models import DecoderBundle, load_decoder
+from .models import load_decoder
 
 
 class Backbone:
@@ -54,10 +54,6 @@ class Backbone:
             existing = cls(bundle.model, bundle.tokenizer, bundle.identity, bundle.source_path)
             bundle._backbone = existing
         return existing
-
-    @classmethod
-    def from_bundle(cls, bundle: DecoderBundle) -> "Backbone":
-        return cls(bundle.model, bundle.tokenizer, bundle.identity, bundle.source_path)
 
     # ------------------------------------------------------------------ facts
     @property

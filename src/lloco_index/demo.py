@@ -28,21 +28,6 @@ def load_sample_corpus():
     return docs, questions
 
 
-def default_or_untrained_compressor():
-    """The shipped compressor, or (until one ships) an untrained one, with a notice saying what that means."""
-    from .compressors import ICAECompressor, load_compressor
-    from .backbone import Backbone
-    from .errors import ModelNotFoundError
-
-    try:
-        return load_compressor(), None
-    except ModelNotFoundError:
-        notice = ("NOTICE: no pretrained compressor is shipped in this build; using an UNTRAINED compressor. "
-                  "Its soft prompts carry no information about the text, so the answers below are meaningless "
-                  "(closed-book guesses). Positions and timings are real.")
-        return ICAECompressor(Backbone.load()), notice
-
-
 def run_demo(persist_dir: Optional[Path] = None, *, max_questions: int = 6, top_k: int = 3, compare_full: bool = True,
              expand_top_k: int = defaults.DEFAULT_EXPAND_TOP_K, compressor=None, out=print) -> list[dict]:
     """Run the demo and return one record per question."""
@@ -51,7 +36,9 @@ def run_demo(persist_dir: Optional[Path] = None, *, max_questions: int = 6, top_
     persist_dir = Path(persist_dir or defaults.cache_dir() / "demo-storage")
     notice = None
     if compressor is None:
-        compressor, notice = default_or_untrained_compressor()
+        from .compressors import default_compressor
+
+        compressor, notice = default_compressor()
     if notice:
         out(notice)
     quality = _quality_line(compressor)

@@ -12,14 +12,33 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 from .errors import PersistDirError, StoreLockedError
 
 LOCK_NAME = ".lloco-write.lock"
+
+
+def read_json(path: Path, on_error: Callable[[Exception], Exception]) -> Any:
+    """Parse the JSON file ``path``; a file that is not UTF-8 JSON raises ``on_error(exc)`` (chained).
+
+    ``on_error`` builds the caller's own error, whose message says how to restore that particular file.
+    """
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise on_error(exc) from exc
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line index, record)`` for each non-blank line of a JSONL file."""
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if line.strip():
+            yield i, json.loads(line)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -22,35 +21,12 @@ from .backbone import Backbone
 from .errors import ContextBudgetError
 from .precision import generation_autocast
 from .placeholders import SoftPromptRef, split_prompt
+from .prompt_types import GenerationResult, Message, PreparedPrompt  # re-exported: the reader's public types
 from .store import SoftPromptStore
 
 AUTO = "auto"  # use the compressor's reader adapter when it ships one
 
 
-@dataclass
-class PreparedPrompt:
-    """What the decoder will read, and how the positions split between text and soft prompts."""
-
-    inputs_embeds: torch.Tensor  # [1, positions, hidden]
-    text_positions: int
-    soft_positions: int
-    soft_prompt_ids: list[str] = field(default_factory=list)
-
-    @property
-    def positions(self) -> int:
-        return self.text_positions + self.soft_positions
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    prompt: PreparedPrompt
-    new_tokens: int
-    prefill_s: float = 0.0
-    total_s: float = 0.0
-
-
-Message = dict  # {"role": "user" | "system" | "assistant", "content": str}
 
 
 class SoftPromptReader:
@@ -90,7 +66,7 @@ class SoftPromptReader:
     def resolve_adapter(self, adapter: Optional[str] = AUTO) -> Optional[str]:
         adapter = self.default_adapter if adapter == AUTO else adapter
         if adapter == AUTO:
-            return getattr(self.compressor, "reader_adapter", None)
+            return self.compressor.reader_adapter if self.compressor is not None else None
         return adapter
 
     # ------------------------------------------------------------ templates
@@ -100,7 +76,7 @@ class SoftPromptReader:
         if self.system_prompt and not any(m["role"] == "system" for m in messages):
             messages = [{"role": "system", "content": self.system_prompt}] + messages
         tok = self.backbone.tokenizer
-        fmt = getattr(self.compressor, "prompt_format", "chat")
+        fmt = self.compressor.prompt_format if self.compressor is not None else "chat"
         if fmt == "chat" and getattr(tok, "chat_template", None):
             return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         body = "\n\n".join(m["content"] for m in messages)

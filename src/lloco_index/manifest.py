@@ -91,7 +91,7 @@ def write_manifest(persist_dir: Union[str, Path], compressor: Any, vector_store:
                 f"Use that compressor, or build into a new persist_dir."
             )
         return
-    source = getattr(compressor, "source_dir", None)
+    source = compressor.source_dir
     if source is None:  # a compressor made in code: keep a copy so the persist dir can be reopened alone
         compressor.save_pretrained(persist_dir / COMPRESSOR_COPY)
         source = persist_dir / COMPRESSOR_COPY

@@ -15,7 +15,7 @@ through :func:`escape_placeholders` before it goes into a prompt;
 from __future__ import annotations
 
 import re
-from typing import Iterator, Union
+from typing import Union
 
 from .defaults import PLACEHOLDER_PREFIX, PLACEHOLDER_SUFFIX
 
@@ -65,7 +65,3 @@ def split_prompt(text: str) -> list[Union[str, SoftPromptRef]]:
     if pos < len(text):
         pieces.append(text[pos:])
     return pieces
-
-
-def iter_refs(pieces: list) -> Iterator[SoftPromptRef]:
-    return (p for p in pieces if isinstance(p, SoftPromptRef))

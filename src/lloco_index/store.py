@@ -181,10 +181,6 @@ class SoftPromptStore:
             )
 
     # --------------------------------------------------------------- index
-    def _shard_dir(self) -> Path:
-        assert self.path is not None
-        return self.path / "shards"
-
     def _load_index(self) -> None:
         try:
             self._index = json.loads(self.backend.read("index.json").decode("utf-8")) if self.backend.exists("index.json") else {}
@@ -545,6 +541,3 @@ class SoftPromptStore:
                 f"{other.quantization or 'unquantized'} ones. Persist into a new directory."
             )
 
-    def iter_items(self, ids: Optional[Iterable[str]] = None):
-        for prompt_id in ids if ids is not None else self.ids():
-            yield prompt_id, self.get(prompt_id)

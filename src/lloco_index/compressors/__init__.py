@@ -3,7 +3,7 @@
 from .autocompressor import AutoCompressor, AutoCompressorConfig
 from .base import BaseCompressor, Compressor, CompressorConfig
 from .icae import ICAECompressor, ICAEConfig
-from .loading import load_compressor
+from .loading import default_compressor, load_compressor
 from .token_embedding import TokenEmbeddingCompressor, TokenEmbeddingConfig
 
 __all__ = [
@@ -16,5 +16,6 @@ __all__ = [
     "ICAEConfig",
     "TokenEmbeddingCompressor",
     "TokenEmbeddingConfig",
+    "default_compressor",
     "load_compressor",
 ]

@@ -52,8 +52,9 @@ from .. import defaults
 from ..backbone import Backbone
 from ..errors import ModelNotFoundError, StoreMismatchError
 from ..precision import autocast
-from ..fileio import atomic_write_bytes
-from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, tensors_digest
+from ..fileio import atomic_write_bytes, read_json
+from ..models import select_device, select_dtype
+from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, read_compressor_config, tensors_digest
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,6 @@ class AutoCompressor(BaseCompressor):
                 self.embed_summary.weight.copy_(summary_embeddings.float())
         # float32 master copy: bf16 -> f32 is exact, so fingerprints agree across save/load.
         self.embed_summary.to(backbone.device)
-        self.source_dir: Optional[Path] = None  # the compressor directory it was loaded from (indexes reference it)
         # The adapter the summaries are written (and read) with while a LoRA is being trained on the recursive
         # objective (lloco_index.training); None for saved compressors, whose decoder weights do both.
         self.writer_adapter: Optional[str] = None
@@ -355,33 +355,46 @@ class AutoCompressor(BaseCompressor):
         return (path if path.is_absolute() else self.source_dir / path).resolve()
 
     @classmethod
-    def from_pretrained_directory(cls, directory: Union[str, Path], config_dict: Optional[dict] = None, *,
-                                  dtype: Optional[torch.dtype] = None,
-                                  device: Optional[Union[str, torch.device]] = None) -> "AutoCompressor":
+    def from_directory(cls, directory: Union[str, Path], config_dict: Optional[dict] = None, *,
+                       backbone: Optional[Backbone] = None, decoder: Optional[Union[str, Path]] = None,
+                       dtype: Optional[torch.dtype] = None,
+                       device: Optional[Union[str, torch.device]] = None) -> "AutoCompressor":
         """Load a directory written by :meth:`save_pretrained` (``load_compressor`` calls this).
 
-        ``dtype``/``device`` default to bfloat16 on CUDA when available, else float32 on CPU.
+        The decoder is part of an AutoCompressor: by default it is loaded from the directory the
+        config records (``decoder/``). ``decoder`` loads it from another directory, ``backbone``
+        reuses one already loaded; either must hold the decoder the compressor was saved with.
+        ``dtype``/``device`` default to :func:`lloco_index.models.select_device` (``$LLOCO_DEVICE``,
+        else a GPU when there is one) and :func:`~lloco_index.models.select_dtype`.
         """
         from safetensors.torch import load_file
 
         directory = Path(directory).resolve()
         if config_dict is None:
-            from .loading import read_compressor_config
-
             config_dict = read_compressor_config(directory)
         fields = {k: v for k, v in config_dict.items() if k in AutoCompressorConfig.__dataclass_fields__}
         config = AutoCompressorConfig(**fields)
-        decoder_path = Path(config.extra.get("decoder_dir", DECODER_SUBDIR))
-        decoder_path = decoder_path if decoder_path.is_absolute() else directory / decoder_path
-        if not (decoder_path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"The AutoCompressor at '{directory}' has no decoder at '{decoder_path}' (config.json missing). Save it "
-                f"again with save_pretrained(dir) (decoder='copy'), or convert the original checkpoint again with "
-                f"AutoCompressor.from_checkpoint(<checkpoint dir>)."
-            )
-        dtype, device = _default_dtype_device(dtype, device)
-        backbone = Backbone.load(decoder_path, dtype=dtype)
-        backbone.base_model.to(device)
+        if backbone is not None:
+            if dtype is not None or device is not None:
+                raise ValueError("AutoCompressor.from_directory: pass backbone= or dtype=/device=, not both "
+                                 "(the backbone is already loaded with its own dtype and device).")
+            decoder_path = Path(backbone.source_path) if backbone.source_path else None
+        else:
+            if decoder is not None:
+                decoder_path = Path(decoder).expanduser().resolve()
+            else:
+                decoder_path = Path(config.extra.get("decoder_dir", DECODER_SUBDIR))
+                decoder_path = decoder_path if decoder_path.is_absolute() else directory / decoder_path
+            if not (decoder_path / "config.json").is_file():
+                raise ModelNotFoundError(
+                    f"The AutoCompressor at '{directory}' has no decoder at '{decoder_path}' (config.json missing). Save it "
+                    f"again with save_pretrained(dir) (decoder='copy'), or convert the original checkpoint again with "
+                    f"AutoCompressor.from_checkpoint(<checkpoint dir>)."
+                )
+            device = select_device(device)
+            # Loaded straight onto its device: moving a cached decoder afterwards would leave the
+            # cache entry for one device holding a model on another.
+            backbone = Backbone.load(decoder_path, dtype=select_dtype(device, dtype), device=device)
         if config.base_model and config.base_model != backbone.identity:
             raise StoreMismatchError(
                 f"The AutoCompressor at '{directory}' was saved with decoder '{config.base_model}', but '{decoder_path}' "
@@ -417,14 +430,14 @@ class AutoCompressor(BaseCompressor):
         """
         local_dir = Path(local_dir).expanduser().resolve()
         if (local_dir / defaults.COMPRESSOR_CONFIG_NAME).is_file():  # already a compressor directory
-            compressor = cls.from_pretrained_directory(local_dir, dtype=dtype, device=device)
+            compressor = cls.from_directory(local_dir, dtype=dtype, device=device)
         else:
             source = inspect_checkpoint(local_dir, tokenizer=tokenizer)
             root = Path(cache_dir).expanduser() if cache_dir is not None else defaults.cache_dir() / CACHE_SUBDIR
             target = root / f"{source.name}-{source.signature[:16]}"
             if not (target / defaults.COMPRESSOR_CONFIG_NAME).is_file():
                 convert_checkpoint(source, target)
-            compressor = cls.from_pretrained_directory(target, dtype=dtype, device=device)
+            compressor = cls.from_directory(target, dtype=dtype, device=device)
         if segment_length is not None and segment_length != compressor.config.segment_length:
             if segment_length <= 0:
                 raise ValueError(f"segment_length must be positive, got {segment_length}")
@@ -467,10 +480,8 @@ def inspect_checkpoint(directory: Union[str, Path], *, tokenizer: Optional[Union
             f"No AutoCompressor checkpoint at '{directory}' (config.json missing). Download it to a local directory, "
             f"e.g. {_download_hint(directory)}, and pass that directory."
         )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelNotFoundError(f"{config_path} is not valid JSON ({exc}); restore it: {_download_hint(directory, 'config.json')}.") from exc
+    config = read_json(config_path, lambda exc: ModelNotFoundError(
+        f"{config_path} is not valid JSON ({exc}); restore it: {_download_hint(directory, 'config.json')}."))
     if not isinstance(config.get("summary_length"), int) or config["summary_length"] <= 0:
         raise ModelNotFoundError(
             f"'{directory}' is not an AutoCompressor checkpoint: config.json has no positive 'summary_length'. For a plain "
@@ -781,14 +792,3 @@ def write_decoder_dir(backbone: Backbone, target: Union[str, Path], *, max_shard
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
-
-
-def _default_dtype_device(dtype: Optional[torch.dtype],
-                          device: Optional[Union[str, torch.device]]) -> tuple[torch.dtype, torch.device]:
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if dtype is None:
-        # The checkpoint is bf16; a 7B model in float32 would need 27 GB.
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    return dtype, device

@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
-from ..errors import EmptyDocumentError, ModelNotFoundError
-from ..fileio import atomic_write_bytes
+from ..errors import EmptyDocumentError, ModelNotFoundError, StoreMismatchError
+from ..fileio import atomic_write_bytes, read_json
 
 
 @runtime_checkable
@@ -29,6 +29,9 @@ class Compressor(Protocol):
 
     n_slots: int
     segment_length: int
+    prompt_format: str  # "chat" or "plain": how the reader lays out prompts around the soft prompts
+    reader_adapter: Optional[str]  # the backbone adapter that reads these soft prompts, if any
+    source_dir: Optional[Path]  # the directory it was loaded from (None: built in code)
 
     @property
     def fingerprint(self) -> str: ...
@@ -54,6 +57,31 @@ class CompressorConfig:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+
+def read_compressor_config(directory: Union[str, Path]) -> dict:
+    """The parsed ``lloco_compressor.json`` of a compressor directory."""
+    directory = Path(directory)
+    path = directory / defaults.COMPRESSOR_CONFIG_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(
+            f"No compressor at '{directory}' ({defaults.COMPRESSOR_CONFIG_NAME} missing). Pass a directory written "
+            f"by save_pretrained / `lloco-index pretrain`, or omit it to use the shipped default."
+        )
+    return read_json(path, lambda exc: ModelNotFoundError(
+        f"{path} is not valid JSON ({exc}); restore or re-save the compressor."))
+
+
+def decoder_for(config: dict) -> Optional[str]:
+    """The decoder a compressor config was trained with, as ``Backbone.load`` takes it (``None``: the default)."""
+    base = config.get("base_model")
+    if base in (None, defaults.DEFAULT_DECODER_NAME):
+        return None
+    if isinstance(base, str) and base.startswith("local:"):
+        raise ModelNotFoundError(
+            f"This compressor was trained for the local decoder '{base}': pass decoder=<its directory>."
+        )
+    return base
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
@@ -85,6 +113,11 @@ class BaseCompressor:
     # How the reader lays out prompts around these soft prompts: "chat" applies the decoder's chat
     # template; "plain" is raw text without BOS, as LLoCO reads AutoCompressor summaries.
     prompt_format: ClassVar[str] = "chat"
+    # The LoRA adapter on the backbone that reads this compressor's soft prompts, when it ships one
+    # (SoftPromptReader(adapter="auto") selects it); subclasses that carry one override this.
+    reader_adapter: Optional[str] = None
+    # The directory the compressor was loaded from (None when built in code); indexes record it.
+    source_dir: Optional[Path] = None
 
     def __init__(self, backbone: Backbone, config: CompressorConfig):
         self._backbone = backbone
@@ -199,6 +232,29 @@ class BaseCompressor:
         self.config.base_model = self.backbone.identity
         atomic_save_safetensors(self.weights(), directory / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
         atomic_write_bytes(directory / defaults.COMPRESSOR_CONFIG_NAME, self.config.to_json().encode())
+
+    @classmethod
+    def from_directory(cls, directory: Union[str, Path], config_dict: Optional[dict] = None, *,
+                       backbone: Optional[Backbone] = None,
+                       decoder: Optional[Union[str, Path]] = None) -> "BaseCompressor":
+        """Load a directory written by :meth:`save_pretrained` (``load_compressor`` calls this).
+
+        ``backbone`` is a decoder already loaded, ``decoder`` where to load one from; default: the
+        decoder the config records. Either way it must be the decoder the compressor was trained for.
+        """
+        directory = Path(directory)
+        if config_dict is None:
+            config_dict = read_compressor_config(directory)
+        if backbone is None:
+            backbone = Backbone.load(decoder if decoder is not None else decoder_for(config_dict))
+        if config_dict.get("base_model") and config_dict["base_model"] != backbone.identity:
+            raise StoreMismatchError(
+                f"Compressor at '{directory}' was trained for base model '{config_dict['base_model']}', but the loaded "
+                f"decoder is '{backbone.identity}'. Load the decoder it was trained with, or train a compressor for this one."
+            )
+        compressor = cls._from_directory(directory, backbone, config_dict)
+        compressor.source_dir = directory.resolve()
+        return compressor
 
     @classmethod
     def _from_directory(cls, directory: Path, backbone: Backbone, config_dict: dict) -> "BaseCompressor":

@@ -1,4 +1,4 @@
-"""ICAE-style compressor (seed 001) and its window mean-pooling variant.
+"""ICAE-style compressor and its window mean-pooling variant.
 
 The encoder is the decoder itself with its own LoRA adapter
 (``lloco_compressor``; see :attr:`ICAECompressor.encoder_adapter`). Two ways to read a segment out of it:

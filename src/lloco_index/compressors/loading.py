@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
 from .. import defaults
 from ..backbone import Backbone
-from ..errors import ModelNotFoundError, StoreMismatchError
-from .base import BaseCompressor
+from ..errors import ModelNotFoundError
+from .base import BaseCompressor, read_compressor_config  # read_compressor_config: re-exported
 
 
 def _registry() -> dict[str, type]:
@@ -18,20 +17,6 @@ def _registry() -> dict[str, type]:
     from .token_embedding import TokenEmbeddingCompressor
 
     return {c.mode: c for c in (ICAECompressor, TokenEmbeddingCompressor, AutoCompressor)}
-
-
-def read_compressor_config(directory: Union[str, Path]) -> dict:
-    directory = Path(directory)
-    path = directory / defaults.COMPRESSOR_CONFIG_NAME
-    if not path.is_file():
-        raise ModelNotFoundError(
-            f"No compressor at '{directory}' ({defaults.COMPRESSOR_CONFIG_NAME} missing). Pass a directory written "
-            f"by save_pretrained / `lloco-index pretrain`, or omit it to use the shipped default."
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelNotFoundError(f"{path} is not valid JSON ({exc}); restore or re-save the compressor.") from exc
 
 
 def load_compressor(
@@ -51,29 +36,28 @@ def load_compressor(
     registry = _registry()
     if mode not in registry:
         raise ModelNotFoundError(f"{directory}: unknown compressor mode {mode!r}; known: {sorted(registry)}.")
-    cls = registry[mode]
-    if hasattr(cls, "from_pretrained_directory"):  # AutoCompressor carries its own decoder weights
-        compressor = cls.from_pretrained_directory(directory, config)
-        compressor.source_dir = directory.resolve()
-        return compressor
-    if backbone is None:
-        backbone = Backbone.load(decoder if decoder is not None else _decoder_for(config))
-    if config.get("base_model") and config["base_model"] != backbone.identity:
-        raise StoreMismatchError(
-            f"Compressor at '{directory}' was trained for base model '{config['base_model']}', but the loaded decoder "
-            f"is '{backbone.identity}'. Load the decoder it was trained with, or train a compressor for this one."
-        )
-    compressor = cls._from_directory(directory, backbone, config)
-    compressor.source_dir = directory.resolve()
-    return compressor
+    return registry[mode].from_directory(directory, config, backbone=backbone, decoder=decoder)
 
 
-def _decoder_for(config: dict) -> Optional[str]:
-    base = config.get("base_model")
-    if base in (None, defaults.DEFAULT_DECODER_NAME):
-        return None
-    if isinstance(base, str) and base.startswith("local:"):
-        raise ModelNotFoundError(
-            f"This compressor was trained for the local decoder '{base}': pass decoder=<its directory>."
+def default_compressor(backbone: Optional[Backbone] = None) -> tuple[BaseCompressor, Optional[str]]:
+    """The shipped compressor, or the identity compressor when it cannot be loaded, and a notice saying so.
+
+    The notice is ``None`` when the shipped compressor loaded; otherwise it names the reason and what
+    the fallback means, for the caller to print or warn with. The identity
+    :class:`~lloco_index.compressors.TokenEmbeddingCompressor` is the fallback because its answers are
+    those of the plain model reading the text: correct, only not compressed.
+
+    >>> compressor, notice = default_compressor()
+    >>> if notice: print(notice)
+    """
+    try:
+        return load_compressor(backbone=backbone), None
+    except ModelNotFoundError as exc:
+        from .token_embedding import TokenEmbeddingCompressor
+
+        fallback = TokenEmbeddingCompressor(backbone if backbone is not None else Backbone.load())
+        return fallback, (
+            f"NOTICE: the shipped default compressor is not available ({exc}). Using the identity "
+            f"TokenEmbeddingCompressor on {fallback.backbone.identity} instead: soft prompts are the chunks' own "
+            f"token embeddings (exact answers, no compression). Pass a compressor directory to choose another."
         )
-    return base

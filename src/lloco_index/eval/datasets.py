@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from .. import defaults
+from ..fileio import jsonl_records
 
 PathLike = Union[str, Path]
 LETTERS = "ABCD"
@@ -99,12 +100,9 @@ def load_quality(path: Optional[PathLike] = None, *, max_documents: Optional[int
     path = _check(_data_path(path, "quality/test.jsonl"))
     documents: dict[str, Document] = {}
     examples: list[Example] = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
+    for line_no, record in jsonl_records(path):
         if max_documents is not None and len(documents) >= max_documents:
             break
-        record = json.loads(line)
         doc_id = f"quality-{line_no}-{_digest(record['input'])}"
         documents[doc_id] = Document(doc_id, record["input"], title=record["input"][:60].split("\n")[0], metadata={"source": record.get("source")})
         for i, (instruction, output) in enumerate(zip(record["instructions"], record["outputs"])):
@@ -170,12 +168,9 @@ def load_jsonl_qa(path: PathLike, *, task: str = "extractive", name: Optional[st
     path = _check(Path(path))
     documents: dict[str, Document] = {}
     examples: list[Example] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        if not line.strip():
-            continue
+    for i, record in jsonl_records(path):
         if max_questions is not None and len(examples) >= max_questions:
             break
-        record = json.loads(line)
         for key in ("document", "question", "answers"):
             if key not in record:
                 raise ValueError(f"{path}:{i + 1}: missing key '{key}' (need document, question, answers)")

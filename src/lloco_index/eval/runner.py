@@ -107,7 +107,7 @@ class CompressorEntry:
 def resolve_compressors(specs: Sequence[str], backbone: Backbone) -> list[CompressorEntry]:
     """Build compressors from specs: a directory, ``default`` (the shipped one), ``token_embedding``
     (the identity reference) or ``icae-untrained`` (fresh ICAE weights, seed 0: a control, not a result)."""
-    from ..compressors import ICAECompressor, ICAEConfig, TokenEmbeddingCompressor, load_compressor
+    from ..compressors import ICAECompressor, ICAEConfig, TokenEmbeddingCompressor, default_compressor, load_compressor
 
     entries: list[CompressorEntry] = []
     for spec in specs:
@@ -120,8 +120,17 @@ def resolve_compressors(specs: Sequence[str], backbone: Backbone) -> list[Compre
             compressor = ICAECompressor(backbone, ICAEConfig())
             note = "UNTRAINED ICAE (random memory tokens, zero LoRA): a control; its answers are meaningless"
             label = "icae-untrained"
+        elif spec == "default":
+            compressor, notice = default_compressor(backbone)
+            if notice is not None:
+                if "token_embedding" in specs:  # the fallback is the identity reference itself: run it once
+                    continue
+                entries.append(CompressorEntry("token_embedding", compressor, notice))
+                continue
+            note = f"loaded from {defaults.default_compressor_dir()}"
+            label = f"{compressor.config.mode}:{defaults.default_compressor_dir().name}"
         else:
-            directory = defaults.default_compressor_dir() if spec == "default" else Path(spec)
+            directory = Path(spec)
             compressor = load_compressor(directory, backbone=backbone)
             note = f"loaded from {directory}"
             label = f"{compressor.config.mode}:{directory.name}"
@@ -133,12 +142,8 @@ def default_compressor_specs(compressor_dir: Optional[PathLike]) -> tuple[list[s
     """The compressor under test plus the identity reference, and a note on which was chosen and why."""
     if compressor_dir is not None:
         return [str(compressor_dir), "token_embedding"], f"compressor from {compressor_dir}"
-    if (defaults.default_compressor_dir() / defaults.COMPRESSOR_CONFIG_NAME).is_file():
-        return ["default", "token_embedding"], "the shipped default compressor"
-    return ["icae-untrained", "token_embedding"], (
-        f"no trained compressor at {defaults.default_compressor_dir()} yet: benchmarking an UNTRAINED ICAE "
-        f"compressor (meaningless answers, real positions and timings) and the identity reference"
-    )
+    # Without a shipped compressor, "default" resolves to the identity reference (default_compressor).
+    return ["default", "token_embedding"], "the shipped default compressor"
 
 
 # ---------------------------------------------------------------- results

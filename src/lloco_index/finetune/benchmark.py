@@ -54,11 +54,10 @@ def _squad(path: Path, first: int, count: int, max_words: int, max_questions: in
 
 
 def _compressor(backbone):
-    from ..compressors import TokenEmbeddingCompressor, load_compressor
+    from ..compressors import default_compressor
 
-    if (defaults.default_compressor_dir() / defaults.COMPRESSOR_CONFIG_NAME).is_file():
-        return load_compressor(backbone=backbone), "shipped"
-    return TokenEmbeddingCompressor(backbone), "token_embedding (no shipped compressor yet)"
+    compressor, notice = default_compressor(backbone)
+    return compressor, "shipped" if notice is None else "token_embedding (the shipped compressor is not available)"
 
 
 def _evaluate(name: str, path: Path, examples, answer_fn) -> dict[str, float]:
@@ -175,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return answer
 
     conditions = [("soft_prompts_no_adapter", via_engine(plain))]
-    reader = getattr(compressor, "reader_adapter", None)
+    reader = compressor.reader_adapter
     if reader is not None:  # the compressor's own reader: what the domain adapter starts from
         shipped = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=reader)
         conditions += [("soft_prompts_reader_adapter", via_engine(shipped)),

@@ -11,7 +11,7 @@ Why these defaults (LLoCO used r=8, alpha=16, lr 2e-5, 3 epochs on q/k/v/o for L
   a small model's activations are not spread over thousands of dimensions); 2e-5, right for 7B, barely moves
   a 135M model in a few hundred steps. Measured with these defaults (``python -m lloco_index.finetune.benchmark``,
   161 SQuAD training questions, identity compressor): validation answer loss 3.89 -> 1.72 nats/token by step 20
-  of 42, early stop at step 40. No learning-rate sweep has been run yet.
+  of 42, early stop at step 40. These are not the result of a learning-rate sweep.
 * **3 epochs, cosine decay after a 5% warmup, 8 examples per optimizer step** (micro-batch 1 x accumulation
   8: the examples are 200-1,500 positions long and a 2-core CPU gains nothing from padding them together),
   weight decay 0, gradient clipping at 1.0, LoRA dropout 0.05.

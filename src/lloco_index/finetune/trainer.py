@@ -152,7 +152,7 @@ class LoRAFinetuner:
         self.extra_metadata = dict(extra_metadata or {})
         c = self.compressor
         reserved = {"lloco_compressor", getattr(c, "encoder_adapter", None), getattr(c, "reader_adapter_name", None),
-                    getattr(c, "reader_adapter", None)}
+                    c.reader_adapter}
         if adapter_name in reserved or self.backbone.adapter_holder(adapter_name) is not None:
             raise ValueError(f"Adapter name '{adapter_name}' is taken by the compressor; choose another name.")
         self.train_examples = self._fit(list(train), "train")
@@ -202,7 +202,7 @@ class LoRAFinetuner:
         if backbone.has_adapter(name):  # a previous run in this process: start from scratch (or the checkpoint)
             backbone.delete_adapter(name)
         torch.manual_seed(cfg.seed)  # LoRA's A init, then dropout, draw from the global generator
-        reader_name = getattr(self.compressor, "reader_adapter", None) if cfg.init_from_reader else None
+        reader_name = self.compressor.reader_adapter if cfg.init_from_reader else None
         if reader_name:
             lora = copy.deepcopy(backbone.peft_model.peft_config[reader_name])
             lora.inference_mode = False

@@ -151,28 +151,18 @@ class ChatLLoCO(BaseChatModel):
     def default(cls, persist_dir: Optional[Union[str, Path]] = None, *, compressor: Any = None, **kwargs: Any) -> "ChatLLoCO":
         """The embedded SmolLM2-135M-Instruct with the compressor shipped for it.
 
-        Until the pretrained default compressor ships, this falls back (with a
-        warning) to the identity :class:`TokenEmbeddingCompressor`: answers are
+        When the shipped compressor cannot be loaded, this falls back (with a
+        warning) to the identity :class:`TokenEmbeddingCompressor`
+        (:func:`lloco_index.compressors.default_compressor`): answers are
         exactly those of the plain model reading the text, but nothing is
         compressed. Pass ``compressor=`` to choose.
         """
         if compressor is None:
-            from ..compressors import load_compressor
-            from ..errors import ModelNotFoundError
+            from ..compressors import default_compressor
 
-            try:
-                compressor = load_compressor()
-            except ModelNotFoundError as exc:
-                from ..backbone import Backbone
-                from ..compressors import TokenEmbeddingCompressor
-
-                warnings.warn(
-                    f"The shipped default compressor is not available ({exc}). ChatLLoCO falls back to the identity "
-                    f"TokenEmbeddingCompressor on {defaults.DEFAULT_DECODER_NAME}: soft prompts are the chunks' own "
-                    f"token embeddings (exact answers, no compression). Pass compressor=... to choose another.",
-                    stacklevel=2,
-                )
-                compressor = TokenEmbeddingCompressor(Backbone.load())
+            compressor, notice = default_compressor()
+            if notice:
+                warnings.warn(notice, stacklevel=2)
         if persist_dir is not None and "store" not in kwargs:
             kwargs["store"] = SoftPromptStore.open(persist_dir, compressor)
         return cls(compressor=compressor, persist_dir=str(persist_dir) if persist_dir is not None else None, **kwargs)

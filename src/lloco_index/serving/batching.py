@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from ..precision import generation_autocast
+from ..prompt_types import GenerationResult, Message, PreparedPrompt
 
-if TYPE_CHECKING:  # pragma: no cover - import cycle guard (generation imports this module lazily)
-    from ..generation import GenerationResult, Message, PreparedPrompt, SoftPromptReader
+if TYPE_CHECKING:  # pragma: no cover - the reader calls into this module; only its type is named here
+    from ..generation import SoftPromptReader
 
 DEFAULT_MAX_BATCH_SIZE = 8
 
@@ -66,8 +67,7 @@ class _PerRowLimit:
     receives pad tokens afterwards, and the batch ends when every row is done.
     """
 
-    def __init__(self, prompt_width: int, limits: Sequence[int], device: torch.device):
-        self.prompt_width = prompt_width
+    def __init__(self, limits: Sequence[int], device: torch.device):
         self.limits = torch.tensor(list(limits), dtype=torch.long, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -92,8 +92,6 @@ def generate_prepared_batch(
     """
     from transformers import StoppingCriteriaList
 
-    from ..generation import GenerationResult
-
     start = time.perf_counter()
     limits = [int(n) for n in max_new_tokens]
     embeds, mask, positions = left_pad(prepared)
@@ -101,7 +99,7 @@ def generate_prepared_batch(
     kwargs.update(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max(limits))
     # generate() derives the same position ids from the left-padded mask (cumsum - 1) and extends them per
     # step; passing them explicitly is not portable across transformers 4.56-5.x (4.x would not extend them).
-    criteria = StoppingCriteriaList([_PerRowLimit(embeds.shape[1], limits, embeds.device)])
+    criteria = StoppingCriteriaList([_PerRowLimit(limits, embeds.device)])
     with torch.inference_mode(), reader.backbone.using(adapter) as model, generation_autocast(reader.backbone.device):
         out = model.generate(**kwargs, stopping_criteria=criteria)
     elapsed = time.perf_counter() - start

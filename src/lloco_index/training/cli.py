@@ -1,6 +1,6 @@
 """Command-line front end of compressor pretraining (``lloco-index pretrain``).
 
-The lead's CLI calls :func:`add_pretrain_arguments` on its sub-parser and
+``lloco-index`` (:mod:`lloco_index.cli`) calls :func:`add_pretrain_arguments` on its sub-parser and
 :func:`run_pretrain` with the parsed args; ``python -m lloco_index.training.cli``
 runs it standalone.
 
@@ -42,7 +42,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--text", default=None, help="train on your own text instead of the shared data: a .txt file, a "
                    ".jsonl file with a 'text' field per line, or a folder of them (every 10th document is held out)")
     g.add_argument("--decoder", default=None, help="local Hugging Face decoder directory of a supported family (default: embedded SmolLM2)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N (default: $LLOCO_DEVICE, else a GPU when there is one, else the CPU)")
     g.add_argument("--threads", type=int, default=None, help="torch threads (e.g. 2 on a shared CPU)")
     g.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
     g.add_argument("--config", help="JSON file with PretrainConfig fields (flags given explicitly override it)")
@@ -186,7 +186,7 @@ def _export(args: argparse.Namespace) -> int:
     card = write_model_card(args.out, args.export, base_model=backbone.identity, config=card_config,
                             final_eval=metrics, step=step, command="lloco-index pretrain " + " ".join(sys.argv[1:]),
                             wall_hours=(times[-1] - times[0]) / 3600 if len(times) > 1 else None,
-                            extra_notes=_read_notes(args.notes))
+                            extra_notes=_read_notes(args.notes), machine=state.get("machine"))
     print(f"wrote {card}")
     return 0
 
@@ -206,7 +206,7 @@ def _eval_only(args: argparse.Namespace) -> int:
     windows = held_out_windows(backbone, args.data_dir, args.eval_windows, args.eval_segment_length or compressor.segment_length,
                                64, documents=documents)
     qa = squad_test_qa(backbone, args.data_dir, args.qa, compressor.segment_length) if args.qa else None
-    metrics = evaluate_compressor(compressor, windows, reader_adapter=getattr(compressor, "reader_adapter", None), qa=qa)
+    metrics = evaluate_compressor(compressor, windows, reader_adapter=compressor.reader_adapter, qa=qa)
     print(json.dumps({"compressor": compressor.fingerprint, "windows": len(windows), **metrics}, indent=2))
     return 0
 

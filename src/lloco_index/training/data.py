@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 from .. import defaults
+from ..fileio import jsonl_records
 from ..errors import DataNotFoundError
 
 TRAIN_SOURCES = ("squad", "quality", "squality", "qmsum")
@@ -50,31 +51,17 @@ def _squad_documents(path: Path) -> list[Document]:
 
 
 def _quality_documents(path: Path) -> list[Document]:
-    docs = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            rec = json.loads(line)
-            docs.append(Document(f"quality:{path.stem}:{i}", rec["input"], "quality"))
-    return docs
+    return [Document(f"quality:{path.stem}:{i}", rec["input"], "quality") for i, rec in jsonl_records(path)]
 
 
 def _squality_documents(path: Path) -> list[Document]:
-    docs = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            docs.append(Document(f"squality:{rec['metadata']['passage_id']}", rec["document"], "squality"))
-    return docs
+    return [Document(f"squality:{rec['metadata']['passage_id']}", rec["document"], "squality")
+            for _, rec in jsonl_records(path)]
 
 
 def _qmsum_documents(path: Path) -> list[Document]:
-    docs = []
-    for i, line in enumerate(path.read_text().splitlines()):
-        if line.strip():
-            rec = json.loads(line)
-            text = "\n".join(f"{t['speaker']}: {t['content']}" for t in rec["meeting_transcripts"])
-            docs.append(Document(f"qmsum:{i}", text, "qmsum"))
-    return docs
+    return [Document(f"qmsum:{i}", "\n".join(f"{t['speaker']}: {t['content']}" for t in rec["meeting_transcripts"]), "qmsum")
+            for i, rec in jsonl_records(path)]
 
 
 def load_documents(data_dir: Union[str, Path], split: str = "train", sources: Optional[Sequence[str]] = None) -> list[Document]:

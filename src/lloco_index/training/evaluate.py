@@ -126,7 +126,7 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     """Greedy answers with the soft prompt vs full text vs closed book, same prompt template.
 
     ``soft`` reads the soft prompt with the reader adapter; ``full`` and ``closed`` are the base model (the
-    issue's reference lines). With a reader adapter, ``full_reader`` and ``closed_reader`` repeat those two
+    reference lines). With a reader adapter, ``full_reader`` and ``closed_reader`` repeat those two
     with the adapter on: a reader trained on QA also answers better without context, and only the part of
     ``soft`` above ``closed_reader`` comes from the soft prompt.
     """

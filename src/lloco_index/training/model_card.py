@@ -8,8 +8,12 @@ card says plainly whether the soft prompts beat the two control lines.
 from __future__ import annotations
 
 import json
+import os
+import platform
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
+
+import torch
 
 DATA_LICENCES = {
     "squad": "SQuAD v1.1 dev articles 1-30 (Wikipedia), CC BY-SA 4.0",
@@ -81,9 +85,27 @@ def describe_method(config: dict[str, Any]) -> str:
             f"{config.get('pool_layer') or 'all'} layers. Reader: {reader}")
 
 
+def describe_machine(device: Optional[Union[str, torch.device]] = None) -> str:
+    """What a run trains on, for the model card: the GPU, or the CPU with its cores and torch threads."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda":
+        return f"a {torch.cuda.get_device_name(device)} GPU"
+    name = platform.processor() or platform.machine() or "an unnamed CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
 def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dict[str, Any],
                      final_eval: Optional[dict[str, float]], command: str, step: int,
-                     wall_hours: Optional[float] = None, extra_notes: str = "") -> Path:
+                     wall_hours: Optional[float] = None, extra_notes: str = "",
+                     machine: Optional[str] = None) -> Path:
+    """``machine``: what the run trained on (:func:`describe_machine`, recorded in its checkpoints)."""
     history = [r for r in eval_history(run_dir) if r["step"] <= step]
     lines = [
         f"# {Path(out_dir).name}",
@@ -102,7 +124,8 @@ def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dic
         f"{config['head_lr']} (projection), {config['schedule']} schedule over {config['steps']} steps, warmup "
         f"{config['warmup_steps']}, batch {config['batch_size']} x accumulation {config['grad_accum']}, bf16 autocast",
         f"- segment-length curriculum {config.get('segment_curriculum') or 'none'}",
-        f"- steps trained: **{step}**" + (f", wall time {wall_hours:.2f} h on a shared 2-core CPU" if wall_hours else ""),
+        f"- steps trained: **{step}**" + (f", wall time {wall_hours:.2f} h on {machine or 'a machine the run did not record'}"
+                                        if wall_hours else ""),
         "- data (train splits only): " + "; ".join(DATA_LICENCES[s] for s in config["sources"] if s in DATA_LICENCES),
         "",
         "## Measured (held-out text: SQuAD test articles 31-38 + QuALITY test)",

@@ -30,6 +30,7 @@ from .. import defaults
 from ..backbone import Backbone
 from ..compressors.autocompressor import AutoCompressor, AutoCompressorConfig
 from ..compressors.icae import ICAECompressor, ICAEConfig
+from ..models import select_device
 from . import checkpoint as ckpt
 from .data import (
     TRAIN_SOURCES,
@@ -44,6 +45,7 @@ from .data import (
     tokenize_documents,
 )
 from .evaluate import evaluate_compressor, held_out_windows
+from .model_card import describe_machine
 from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
 from .recursive import recursive_lm_loss, split_segments
 
@@ -59,7 +61,9 @@ class PretrainConfig:
     # Every tenth document (at least one, when there are two or more) is held out for the evaluations.
     text: Optional[str] = None
     decoder: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
-    device: str = "cpu"
+    # None: lloco_index.models.select_device ($LLOCO_DEVICE, else a GPU when there is one, else the CPU).
+    # Older run configs record "cpu" here; resuming them is unaffected: the field is not compared.
+    device: Optional[str] = None
     # --- compressor
     method: str = "icae"  # "icae" (encoder LoRA + pooling or memory tokens) or "autocompressor" (recursive summaries)
     ac_segments: int = 2  # autocompressor: consecutive segments per "ac" example (the recursion depth)
@@ -337,7 +341,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.threads:
         torch.set_num_threads(config.threads)
-    backbone = backbone or Backbone.load(config.decoder)
+    backbone = backbone or Backbone.load(config.decoder, device=select_device(config.device))
     tokenizer = backbone.tokenizer
     builder = PromptBuilder(tokenizer)
     mix = ObjectiveMix(dict(config.objectives))
@@ -387,11 +391,13 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
             tqdm.write(f"projection initialised by least squares (relative residual {residual:.3f})")
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
 
+    machine = describe_machine(backbone.device)  # for the model card
+
     def save(at: int) -> None:
         ckpt.save_checkpoint(run_dir, at, {
             "config": asdict(config), "model": trainable_state(compressor), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "rng": ckpt.rng_state(),
-            "history": history}, keep=config.keep_checkpoints)
+            "history": history, "machine": machine}, keep=config.keep_checkpoints)
 
     def run_eval(at: int) -> dict[str, float]:
         metrics = evaluate_compressor(compressor, eval_windows, reader_adapter=compressor.reader_adapter,
@@ -505,7 +511,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
         # LoRA B still zero: the reader never trained and is the identity. Ship none rather than a no-op.
         config.reader = False
         model_state = {k: v for k, v in model_state.items() if not k.startswith("reader.")}
-    backbone = backbone or Backbone.load(config.decoder)
+    backbone = backbone or Backbone.load(config.decoder, device=select_device(config.device))
     compressor = build_compressor(config, backbone)
     load_trainable_state(compressor, model_state)
     compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(int(state["step"]) - 1, 0), config.n_slots)
@@ -520,4 +526,4 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
 
 def _export_autocompressor(compressor: AutoCompressor, out_dir: Path) -> AutoCompressor:
     compressor.save_merged(out_dir)
-    return AutoCompressor.from_pretrained_directory(out_dir, device=compressor.backbone.device)
+    return AutoCompressor.from_directory(out_dir, device=compressor.backbone.device)
