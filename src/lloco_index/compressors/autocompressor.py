@@ -369,6 +369,9 @@ class AutoCompressor(BaseCompressor):
             from .loading import read_compressor_config
 
             config_dict = read_compressor_config(directory)
+        from .base import check_compressor_config
+
+        check_compressor_config(config_dict, str(directory / defaults.COMPRESSOR_CONFIG_NAME))  # before the decoder loads
         fields = {k: v for k, v in config_dict.items() if k in AutoCompressorConfig.__dataclass_fields__}
         config = AutoCompressorConfig(**fields)
         decoder_path = Path(config.extra.get("decoder_dir", DECODER_SUBDIR))
