@@ -71,3 +71,25 @@ def test_zero_position_budget_for_the_langchain_retriever():
     retriever = LLoCOLangChainRetriever.from_texts(CORPUS[:2], tiny_compressor(), None)
     with pytest.raises(ValueError, match="position_budget must be at least 1"):
         retriever.invoke("Eiffel", position_budget=0)
+
+
+def test_simple_summarize_counts_the_soft_prompts_it_cannot_fit():
+    """simple_summarize joins all chunks into one string before truncate: the message counts soft prompts."""
+    from lloco_index.llamaindex import default_embed_model
+
+    backbone = tiny_backbone()
+    compressor = ICAECompressor(backbone, ICAEConfig(n_slots=8, segment_length=32, pooling="mean", lora_r=4, lora_alpha=8))
+    index, store = build_index(DOCS, compressor, embed_model=default_embed_model())
+    llm = LLoCOLLM(compressor, store, max_new_tokens=4, context_window=140)
+    engine = LLoCOQueryEngine.from_index(index, llm, response_mode="simple_summarize", similarity_top_k=6,
+                                         position_budget=None, expand_top_k=0)
+    retrieved = len(engine.retrieve(_bundle("What do bees make?")))
+    assert retrieved > 1
+    with pytest.raises(ContextBudgetError, match=rf"The retrieved context \({retrieved} soft prompts\) needs \d+ positions"):
+        engine.query("What do bees make?")
+
+
+def _bundle(text):
+    from llama_index.core.schema import QueryBundle
+
+    return QueryBundle(text)
