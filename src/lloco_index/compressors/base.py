@@ -163,7 +163,9 @@ class BaseCompressor:
     # ---------------------------------------------------------- compression
     def tokenize_segments(self, text: str) -> list[list[int]]:
         """Token ids of ``text`` cut into segments of at most ``segment_length``."""
-        if not isinstance(text, str) or not text.strip():
+        from ..chunking import check_text
+
+        if not check_text(text).strip():
             raise EmptyDocumentError(
                 "Cannot compress an empty or whitespace-only text: drop empty documents before compressing "
                 "(LLoCONodeParser skips them)."
