@@ -84,13 +84,13 @@ class LLoCOLLM(CustomLLM):
         "id is refused); 'any': every id in the prompt (prompts built from your own ids)."))
 
     _reader: SoftPromptReader = PrivateAttr()
+    _compressor: Any = PrivateAttr()
+    _batcher: Any = PrivateAttr(default=None)
 
     @field_validator("resolve_placeholders")
     @classmethod
     def _check_resolve(cls, value: str) -> str:
         return check_resolve_choice(value)
-    _compressor: Any = PrivateAttr()
-    _batcher: Any = PrivateAttr(default=None)
 
     def __init__(self, compressor, store: Optional[SoftPromptStore] = None, **kwargs: Any):
         backbone = compressor.backbone
