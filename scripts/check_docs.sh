@@ -6,6 +6,7 @@
 #   bash scripts/check_docs.sh                 # both steps
 #   CHECK_DOCS_NOTEBOOKS=0 bash scripts/check_docs.sh   # the site only (~20 s)
 #   NBMAKE_TIMEOUT=900 bash scripts/check_docs.sh       # per-notebook timeout in seconds (default 900)
+#   (each notebook must pass in a third of it on a busy 2-core runner: see docs/tutorials.md, 'Run-time budget')
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -140,7 +140,7 @@ def test_llm_chat_stream_and_counting(compressor, tmp_path):
 
     store = SoftPromptStore.open(tmp_path, compressor)
     [pid] = store.add(["A chunk about lighthouses and ships at sea."], compressor)
-    llm = LLoCOLLM(compressor, store, max_new_tokens=3)
+    llm = LLoCOLLM(compressor, store, max_new_tokens=3, resolve_placeholders="any")  # an id of our own, not retrieved
     prompt = f"Context: <|lloco:{pid}|>\nQuestion: what?"
     assert llm.count_positions(prompt) == store.num_positions(pid) + len(compressor.backbone.tokenize("Context: ")) + len(
         compressor.backbone.tokenize("\nQuestion: what?"))

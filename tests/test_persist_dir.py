@@ -132,6 +132,14 @@ def test_finetune_options_are_checked_before_loading(tmp_path, capsys):
     assert "epochs must be >= 1" in capsys.readouterr().err
     assert main(["finetune", str(tmp_path), str(data), "--checkpoint-every", "0"]) == 2
     assert "checkpoint_every must be >= 1" in capsys.readouterr().err
+    # tmp_path holds no index: an error about the budget, not the persist dir, shows it was checked first.
+    assert main(["finetune", str(tmp_path), str(data), "--position-budget", "0"]) == 2
+    assert "--position-budget must be at least 1 (got 0)" in capsys.readouterr().err
+
+
+def test_query_with_zero_max_new_tokens_is_refused_before_loading(tmp_path, capsys):
+    assert main(["query", str(tmp_path), "what?", "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be at least 1 (got 0)" in capsys.readouterr().err
 
 
 def test_ctrl_c_in_a_command_is_a_clean_message(monkeypatch, capsys, tmp_path):

@@ -200,7 +200,8 @@ def test_queue_worker_restarts_after_idle(reader):
 async def test_llamaindex_llm_async_batches(reader):
     from lloco_index.llamaindex import LLoCOLLM
 
-    llm = LLoCOLLM(reader.compressor, reader.store, max_new_tokens=8, max_batch_size=8)
+    # Prompts built from the store's own ids, not from a retriever.
+    llm = LLoCOLLM(reader.compressor, reader.store, max_new_tokens=8, max_batch_size=8, resolve_placeholders="any")
     prompts = [m[-1]["content"] for m in _requests(reader)[:4]]
     expected = [llm.complete(p).text for p in prompts]
     got = await asyncio.gather(*(llm.acomplete(p) for p in prompts))
@@ -213,9 +214,12 @@ async def test_llamaindex_llm_async_batches(reader):
 async def test_langchain_batch_and_abatch(reader):
     from lloco_index.langchain import ChatLLoCO
 
-    llm = ChatLLoCO(compressor=reader.compressor, store=reader.store, max_tokens=8, max_batch_size=8)
+    # Prompts built from the store's own ids, not from a retriever.
+    llm = ChatLLoCO(compressor=reader.compressor, store=reader.store, max_tokens=8, max_batch_size=8,
+                    resolve_placeholders="any")
     inputs = [[HumanMessage(m[-1]["content"])] for m in _requests(reader)[:4]]
-    expected = [ChatLLoCO(compressor=reader.compressor, store=reader.store, max_tokens=8).invoke(i).content for i in inputs]
+    expected = [ChatLLoCO(compressor=reader.compressor, store=reader.store, max_tokens=8,
+                          resolve_placeholders="any").invoke(i).content for i in inputs]
     assert [m.content for m in await llm.abatch(inputs)] == expected
     assert [m.content for m in llm.batch(inputs, config={"max_concurrency": 4})] == expected
     assert llm._batcher.batches_run < 2 * len(inputs)

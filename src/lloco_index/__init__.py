@@ -36,6 +36,7 @@ from .errors import (
     PersistDirError,
     StoreLockedError,
     StoreMismatchError,
+    PlaceholderNotAllowedError,
     UnknownPlaceholderError,
 )
 from .generation import SoftPromptReader
@@ -86,6 +87,7 @@ __all__ = [
     "StoreLockedError",
     "StoreMismatchError",
     "TokenEmbeddingCompressor",
+    "PlaceholderNotAllowedError",
     "UnknownPlaceholderError",
     "describe_precision",
     "load_compressor",

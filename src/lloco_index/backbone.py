@@ -115,10 +115,19 @@ class Backbone:
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             if self.has_adapter(name):
                 return
-            if self.peft_model is None:
-                self.peft_model = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=name, is_trainable=is_trainable)
-                return
             try:
+                if self.peft_model is None:
+                    state = _BareModelState(self.base_model)
+                    try:
+                        self.peft_model = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=name,
+                                                                    is_trainable=is_trainable)
+                    except BaseException:
+                        # The first adapter wraps the model in place: peft swaps LoRA layers into it before
+                        # it reads the weights, so a failed read would leave random LoRA weights running in
+                        # every later call of the bare model.
+                        state.restore()
+                        raise
+                    return
                 self.peft_model.load_adapter(str(path), adapter_name=name, is_trainable=is_trainable)
             except BaseException as exc:
                 # peft registers the adapter's config and layers before it reads the weights: a failed read
@@ -213,3 +222,31 @@ class Backbone:
             for n, p in self.peft_model.named_parameters():
                 p.requires_grad_(grads[n])
             yield self.base_model
+
+
+class _BareModelState:
+    """What wrapping a bare model in a PeftModel changes, so that a failed wrap can be undone."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.had_peft_config = hasattr(model, "peft_config")
+
+    def restore(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # Outermost first: a replaced wrapper's own children (its base layer) are never visited again.
+        for name, module in list(self.model.named_modules()):
+            if name and isinstance(module, BaseTunerLayer):
+                parent_name, _, child = name.rpartition(".")
+                try:
+                    parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                except AttributeError:
+                    continue  # inside a wrapper already replaced
+                if getattr(parent, child, None) is module:
+                    setattr(parent, child, module.get_base_layer())
+        if not self.had_peft_config and hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        for n, p in self.model.named_parameters():
+            if n in self.requires_grad:
+                p.requires_grad_(self.requires_grad[n])

@@ -11,6 +11,31 @@ from dataclasses import dataclass
 SENTENCE_ENDS = (".", "!", "?", "\n", "。", "！", "？")
 
 
+def check_text(text, what: str = "Text") -> str:
+    """``text`` itself if it is a str that UTF-8 can encode; else a precise InputError.
+
+    The tokenizer and the content hash both encode the text as UTF-8: bytes, None or a lone surrogate
+    (left by decoding with errors='surrogateescape') would fail there with a message that names neither
+    the text nor the cause, or be called "empty".
+    """
+    from .errors import InputError
+
+    if not isinstance(text, str):
+        hint = ("decode it first, e.g. data.decode('utf-8')" if isinstance(text, (bytes, bytearray))
+                else "drop it, or pass its text")
+        raise InputError(f"{what} is a {type(text).__name__}, not a str: {hint}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{what} contains a lone surrogate (U+{ord(text[exc.start]):04X} at character {exc.start}, near "
+            f"{text[max(0, exc.start - 20):exc.start]!r}), which is not valid Unicode: it usually comes from "
+            f"decoding bytes with errors='surrogateescape'. Decode the source with its real encoding, or replace "
+            f"them: text.encode('utf-8', 'replace').decode('utf-8')."
+        ) from None
+    return text
+
+
 @dataclass(frozen=True)
 class Chunk:
     text: str
@@ -26,7 +51,7 @@ def chunk_text(text: str, tokenizer, segment_length: int, *, lookback: float = 0
     of its window when there is one, else at the token limit. Chunks cover the
     text without gaps or overlap (whitespace at the edges is kept with the chunk).
     """
-    if not text.strip():
+    if not check_text(text).strip():
         return []
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]

@@ -18,6 +18,14 @@ class UnknownPlaceholderError(LLoCOError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class PlaceholderNotAllowedError(UnknownPlaceholderError):
+    """A prompt names a soft-prompt id that no retriever handed out in this process.
+
+    An UnknownPlaceholderError too: code that answers an unknown id (e.g. with a client error) answers
+    this one the same way, and the message never says whether the store holds the id.
+    """
+
+
 class StoreMismatchError(LLoCOError):
     """A soft-prompt store was written by another compressor or base model."""
 

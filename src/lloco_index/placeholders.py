@@ -4,20 +4,32 @@ Compressed nodes carry ``<|lloco:ID|>`` as their LLM-facing content, so they
 flow unchanged through LlamaIndex and LangChain prompt templates; only the
 LLM wrapper turns a placeholder back into vectors.
 
-Trust model: the LLM wrappers resolve every placeholder in the prompt text
-they are given, so prompt text is trusted. Text from a user (a question, a
-chat turn) is not: a question containing ``<|lloco:ID|>`` would read any
-chunk of the store, whatever the retriever let through. Pass such text
-through :func:`escape_placeholders` before it goes into a prompt;
-``LLoCOQueryEngine`` (and so ``lloco-index query``) does it for the question.
+Trust model (docs/concepts.md, "Trust: prompt text and user text"): a
+question containing ``<|lloco:ID|>`` must not read a chunk that the
+retriever did not select. Two guards:
+
+* ``LLoCOQueryEngine`` (and so ``lloco-index query``) escapes the question
+  with :func:`escape_placeholders`; do the same wherever user text enters a
+  prompt.
+* ``LLoCOLLM`` and ``ChatLLoCO`` resolve only ids that a retriever handed
+  out in this process (:func:`hand_out`: LlamaIndex retrievals and
+  ``LLoCOLangChainRetriever`` record them) and refuse any other id with
+  :class:`~lloco_index.errors.PlaceholderNotAllowedError`. A retriever's
+  placeholders and the user's question arrive in one formatted message, so
+  the wrappers cannot tell them apart by message; the allow-list needs no
+  such split. ``resolve_placeholders="any"`` turns it off for prompts built
+  from ids of your own (``store.add``). ``SoftPromptReader`` itself resolves
+  every id it is given.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Union
+import threading
+from typing import Iterable, Union
 
 from .defaults import PLACEHOLDER_PREFIX, PLACEHOLDER_SUFFIX
+from .errors import PlaceholderNotAllowedError
 
 PLACEHOLDER_RE = re.compile(re.escape(PLACEHOLDER_PREFIX) + r"([0-9A-Za-z_\-]+)" + re.escape(PLACEHOLDER_SUFFIX))
 
@@ -65,3 +77,44 @@ def split_prompt(text: str) -> list[Union[str, SoftPromptRef]]:
     if pos < len(text):
         pieces.append(text[pos:])
     return pieces
+
+
+# Ids are sha256(fingerprint, text): an id names one chunk of one compressor in every store, so one set
+# for the process serves every store and every store object opened on the same persist dir.
+_handed_out: set[str] = set()
+_handed_out_lock = threading.Lock()
+
+RESOLVE_RETRIEVED = "retrieved"
+RESOLVE_ANY = "any"
+RESOLVE_CHOICES = (RESOLVE_RETRIEVED, RESOLVE_ANY)
+
+
+def hand_out(ids: Iterable[str]) -> None:
+    """Record soft-prompt ids that a retriever put into a prompt; ``LLoCOLLM``/``ChatLLoCO`` resolve only these."""
+    with _handed_out_lock:
+        _handed_out.update(str(i) for i in ids)
+
+
+def was_handed_out(prompt_id: str) -> bool:
+    with _handed_out_lock:
+        return prompt_id in _handed_out
+
+
+def check_handed_out(ids: Iterable[str], reader_name: str) -> None:
+    """Refuse the first id that no retriever handed out in this process (``PlaceholderNotAllowedError``)."""
+    with _handed_out_lock:
+        refused = next((i for i in ids if i not in _handed_out), None)
+    if refused is not None:
+        # Worded the same whether or not the store holds the id: the error is no oracle for guessed chunks.
+        raise PlaceholderNotAllowedError(
+            f"The prompt names soft prompt '{refused}', which no retriever handed out in this process; {reader_name} "
+            f"reads only soft prompts that retrieval put into the prompt, so that text from a user cannot read "
+            f"other chunks. Escape user text with lloco_index.placeholders.escape_placeholders; for prompts you "
+            f"build yourself from ids you trust (e.g. from store.add), pass resolve_placeholders='any'."
+        )
+
+
+def check_resolve_choice(value: str) -> str:
+    if value not in RESOLVE_CHOICES:
+        raise ValueError(f"resolve_placeholders must be one of {', '.join(map(repr, RESOLVE_CHOICES))}, got {value!r}.")
+    return value

@@ -54,6 +54,10 @@ class SelectionConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name} must be a whole number >= 0 or None, got {value!r}.")
+        if self.position_budget is not None and self.position_budget < 1:
+            # 0 positions leave room for no chunk: every answer would come without context ("Empty Response").
+            raise ValueError(f"position_budget must be at least 1 (None: no limit), got {self.position_budget}: a "
+                             f"budget of 0 positions leaves room for no chunk.")
         if not isinstance(self.expand_top_k, int) or isinstance(self.expand_top_k, bool) or self.expand_top_k < 0:
             raise ValueError(f"expand_top_k must be a whole number >= 0 (0 reads only soft prompts), got "
                              f"{self.expand_top_k!r}.")

@@ -299,7 +299,9 @@ class SoftPromptStore:
 
     # -------------------------------------------------------------- access
     def make_id(self, text: str) -> str:
-        return content_id(self.fingerprint, text)
+        from .chunking import check_text
+
+        return content_id(self.fingerprint, check_text(text))  # the hash encodes it: refuse what UTF-8 cannot
 
     def __contains__(self, prompt_id: str) -> bool:
         return prompt_id in self._pending or prompt_id in self._index

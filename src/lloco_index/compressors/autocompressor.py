@@ -372,6 +372,9 @@ class AutoCompressor(BaseCompressor):
         directory = Path(directory).resolve()
         if config_dict is None:
             config_dict = read_compressor_config(directory)
+        from .base import check_compressor_config
+
+        check_compressor_config(config_dict, str(directory / defaults.COMPRESSOR_CONFIG_NAME))  # before the decoder loads
         fields = {k: v for k, v in config_dict.items() if k in AutoCompressorConfig.__dataclass_fields__}
         config = AutoCompressorConfig(**fields)
         if backbone is not None:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
-from ..errors import EmptyDocumentError, ModelNotFoundError, StoreMismatchError
+from ..errors import EmptyDocumentError, InputError, ModelNotFoundError, StoreMismatchError
 from ..fileio import atomic_write_bytes, read_json
 
 
@@ -84,6 +84,28 @@ def decoder_for(config: dict) -> Optional[str]:
     return base
 
 
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check_compressor_config(fields: Any, source: str) -> None:
+    """Refuse sizes and dtypes no compressor can work with, naming the field (``source``: where it came from).
+
+    ``fields`` is a config object or the dict read from ``lloco_compressor.json``; absent keys take defaults.
+    """
+    get = fields.get if isinstance(fields, dict) else lambda name, default=None: getattr(fields, name, default)
+    for name in ("segment_length", "n_slots"):
+        value = get(name, 1)
+        # bool is an int to Python, but `n_slots: true` is a typo, not one slot.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            shown = f"{value!r} ({type(value).__name__})" if not isinstance(value, int) or isinstance(value, bool) else f"{value}"
+            raise InputError(f"{source}: {name} must be a whole number of at least 1, got {shown}. Fix the value, or "
+                             f"save the compressor again with save_pretrained.")
+    dtype = get("storage_dtype", STORAGE_DTYPES[0])
+    if dtype not in STORAGE_DTYPES:
+        raise InputError(f"{source}: storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}. Fix the "
+                         f"value, or save the compressor again with save_pretrained.")
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: Optional[dict[str, str]] = None) -> None:
     from safetensors.torch import save
 
@@ -120,6 +142,7 @@ class BaseCompressor:
     source_dir: Optional[Path] = None
 
     def __init__(self, backbone: Backbone, config: CompressorConfig):
+        check_compressor_config(config, f"{type(self).__name__} config")
         self._backbone = backbone
         self.config = config
         self.config.mode = self.mode
@@ -173,7 +196,9 @@ class BaseCompressor:
     # ---------------------------------------------------------- compression
     def tokenize_segments(self, text: str) -> list[list[int]]:
         """Token ids of ``text`` cut into segments of at most ``segment_length``."""
-        if not isinstance(text, str) or not text.strip():
+        from ..chunking import check_text
+
+        if not check_text(text).strip():
             raise EmptyDocumentError(
                 "Cannot compress an empty or whitespace-only text: drop empty documents before compressing "
                 "(LLoCONodeParser skips them)."
@@ -260,16 +285,55 @@ class BaseCompressor:
     def _from_directory(cls, directory: Path, backbone: Backbone, config_dict: dict) -> "BaseCompressor":
         from safetensors.torch import load_file
 
+        check_compressor_config(config_dict, str(directory / defaults.COMPRESSOR_CONFIG_NAME))
+        cls._check_directory(directory, config_dict)
         fields = {k: v for k, v in config_dict.items() if k in cls.config_class.__dataclass_fields__}
         config = cls.config_class(**fields)
         compressor = cls(backbone, config)
-        weights_path = directory / defaults.COMPRESSOR_WEIGHTS_NAME
-        if weights_path.is_file():
+        try:
+            weights_path = directory / defaults.COMPRESSOR_WEIGHTS_NAME
+            expected = compressor.weights()
+            if not weights_path.is_file():
+                if expected:
+                    raise ModelNotFoundError(
+                        f"{weights_path} is missing: without it the compressor would load untrained (random "
+                        f"weights) and its soft prompts would mean nothing. Restore the file from where the "
+                        f"compressor was saved, or train it again (`lloco-index pretrain`)."
+                    )
+                return compressor
             try:
                 tensors = load_file(str(weights_path))
             except Exception as exc:
                 raise ModelNotFoundError(
                     f"{weights_path} is corrupt or truncated ({exc}); restore it from the package or retrain."
                 ) from exc
-            compressor.load_weights(tensors)
+            missing = sorted(set(expected) - set(tensors))
+            if missing:
+                raise ModelNotFoundError(
+                    f"{weights_path} lacks {len(missing)} of the tensors of this {cls.mode} compressor (e.g. "
+                    f"{missing[0]!r}); it is incomplete or belongs to another compressor. Restore the file from "
+                    f"where the compressor was saved, or train it again."
+                )
+            try:
+                compressor.load_weights(tensors)
+            except (RuntimeError, ValueError) as exc:
+                raise ModelNotFoundError(
+                    f"The weights in {weights_path} do not fit the compressor that {defaults.COMPRESSOR_CONFIG_NAME} "
+                    f"describes on decoder '{backbone.identity}' ({str(exc).splitlines()[0]}); the two files are from "
+                    f"different compressors. Restore both from the same save_pretrained."
+                ) from exc
+            compressor._load_directory_extras(directory)
+        except BaseException:
+            compressor._release()  # a refused directory leaves nothing of itself on a shared decoder
+            raise
         return compressor
+
+    @classmethod
+    def _check_directory(cls, directory: Path, config_dict: dict) -> None:
+        """Refuse a directory that lacks a file its config says is there, before anything is built."""
+
+    def _load_directory_extras(self, directory: Path) -> None:
+        """Load what a compressor keeps beside its weights (the ICAE reader adapter)."""
+
+    def _release(self) -> None:
+        """Take this compressor's adapters off the backbone (after a refused load)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -26,10 +27,12 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .. import defaults
 from ..backbone import Backbone
+from ..errors import ModelNotFoundError
 from ..families import LORA_TARGETS  # noqa: F401  (training imports it from here)
 from ..precision import autocast
-from .base import BaseCompressor, CompressorConfig
+from .base import BaseCompressor, CompressorConfig, check_compressor_config
 from .projection import SoftPromptProjection
 
 ENCODER_ADAPTER = "lloco_compressor"
@@ -83,6 +86,7 @@ class ICAECompressor(BaseCompressor):
 
     def __init__(self, backbone: Backbone, config: Optional[ICAEConfig] = None):
         config = config or ICAEConfig()
+        check_compressor_config(config, f"{type(self).__name__} config")  # before n_slots divides anything
         if config.pooling not in ("memory", "mean"):
             raise ValueError(f"pooling must be 'memory' or 'mean', got {config.pooling!r}")
         if config.segment_length % config.n_slots and config.pooling == "mean":
@@ -186,11 +190,32 @@ class ICAECompressor(BaseCompressor):
             _move_adapter_dir(directory / "_peft_tmp", name, directory / READER_SUBDIR)
 
     @classmethod
-    def _from_directory(cls, directory: Path, backbone: Backbone, config_dict: dict) -> "ICAECompressor":
-        compressor = super()._from_directory(directory, backbone, config_dict)
-        if compressor.config.has_reader and (directory / READER_SUBDIR).is_dir():
-            backbone.load_adapter(directory / READER_SUBDIR, compressor.reader_adapter_name)
-        return compressor
+    def _check_directory(cls, directory: Path, config_dict: dict) -> None:
+        reader = directory / READER_SUBDIR
+        if config_dict.get("has_reader") and not reader.is_dir():
+            # The fingerprint covers the encoder only: without this check the store would still open
+            # and every answer would change with the reader gone.
+            raise ModelNotFoundError(
+                f"{directory / defaults.COMPRESSOR_CONFIG_NAME} says a reader adapter is saved beside the compressor "
+                f"(has_reader: true), but '{reader}' is missing; without it the decoder would read the soft prompts "
+                f"unadapted and answers would change. Restore the reader/ directory from where the compressor was "
+                f"saved, or save the compressor again."
+            )
+        if not config_dict.get("has_reader") and reader.is_dir():
+            warnings.warn(
+                f"'{reader}' is present but {directory / defaults.COMPRESSOR_CONFIG_NAME} says has_reader: false, so "
+                f"the reader adapter is not loaded. Set has_reader to true if it belongs to this compressor, or "
+                f"remove the directory.", UserWarning, stacklevel=4,
+            )
+
+    def _load_directory_extras(self, directory: Path) -> None:
+        if self.config.has_reader:
+            self.backbone.load_adapter(directory / READER_SUBDIR, self.reader_adapter_name)
+
+    def _release(self) -> None:
+        for name in (self.encoder_adapter, self.reader_adapter_name):
+            if self.backbone.has_adapter(name):
+                self.backbone.delete_adapter(name)
 
 
 @contextlib.contextmanager

@@ -192,6 +192,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("full_document_text_adapter",
              tuned_reader(lambda ex: engine.query_messages(ex.question, [test_docs[ex.document_id].text]))),
         ]
+    if args.conditions:  # a subset, in the order given (the rest is left for a later run)
+        known = dict(conditions)
+        unknown = [c for c in args.conditions if c not in known]
+        if unknown:
+            raise SystemExit(f"error: unknown conditions {unknown}; known: {list(known)}")
+        conditions = [(c, known[c]) for c in args.conditions]
     results, on_subset = {}, {}
     for name, fn in conditions:
         if name.startswith("full_document_text") and args.skip_full:
@@ -233,6 +239,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine (no spin-waiting)")
     p.add_argument("--stop-after-steps", type=int, default=None)
     p.add_argument("--skip-full", action="store_true")
+    p.add_argument("--conditions", nargs="+", default=None, help="evaluate only these conditions, in this order")
     p.add_argument("--full-limit", type=int, default=None, help="full-document baseline on N evenly spread questions")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(p.parse_args(argv))

@@ -82,6 +82,9 @@ def run_finetune(args: argparse.Namespace) -> None:
         mix = [int(v) for v in args.expansion_mix.split(",")] if args.expansion_mix else None
     except ValueError as exc:
         raise InputError(f"lloco-index finetune: {exc}. Fix that option and run again.") from exc
+    if args.position_budget is not None and args.position_budget < 1:
+        raise InputError(f"--position-budget must be at least 1 (got {args.position_budget}): a budget of 0 positions "
+                         f"leaves room for no chunk. Omit it for the retriever's default.")
     generate = args.data == "generate"
     if not generate and not Path(args.data).is_file():
         raise InputError(f"No data file at '{args.data}': pass a jsonl of question/answer records, or 'generate'.")

@@ -49,7 +49,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 from .. import defaults
 from ..errors import UnknownPlaceholderError
 from ..generation import AUTO, SoftPromptReader
-from ..placeholders import SoftPromptRef, find_ids, split_prompt
+from ..placeholders import RESOLVE_RETRIEVED, SoftPromptRef, check_handed_out, check_resolve_choice, find_ids, split_prompt
 from ..store import SoftPromptStore
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,9 @@ class ChatLLoCO(BaseChatModel):
         "Concurrent calls (batch()/abatch(), concurrent ainvoke) answered together in one batched generate call, "
         "up to this many; 1 keeps one call at a time."))
     model_name: Optional[str] = Field(default=None, description="Name reported in metadata (default: the decoder's identity).")
+    resolve_placeholders: str = Field(default=RESOLVE_RETRIEVED, description=(
+        "'retrieved': read only soft prompts a retriever handed out in this process (a question naming another "
+        "id is refused); 'any': every id in the messages (prompts built from your own ids)."))
 
     _reader: Optional[SoftPromptReader] = PrivateAttr(default=None)
     _init_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
@@ -122,6 +125,7 @@ class ChatLLoCO(BaseChatModel):
             raise ValueError("backbone= is not the compressor's backbone: soft prompts must be read by the decoder they were made for.")
         if self.store is not None and self.compressor is not None:
             self.store.check_compressor(self.compressor)
+        check_resolve_choice(self.resolve_placeholders)
         if self.temperature:
             warnings.warn("ChatLLoCO decodes greedily; temperature is ignored.", stacklevel=2)
         return self
@@ -315,6 +319,10 @@ class ChatLLoCO(BaseChatModel):
                 f"The prompt names soft prompt '{ids[0]}' but ChatLLoCO has no soft-prompt store: pass store= "
                 f"(e.g. ChatLLoCO.from_retriever(retriever)) or persist_dir=."
             )
+        if self.resolve_placeholders == RESOLVE_RETRIEVED:
+            # The template puts the retriever's placeholders and the question into one human message, so
+            # the message a placeholder came in says nothing about who wrote it; the retriever's record does.
+            check_handed_out(ids, "ChatLLoCO")
         missing = [i for i in ids if i not in store]
         if missing and store.path is not None:
             # Another process (or another store object) may have added chunks since we opened it: look again once.

@@ -33,7 +33,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from .. import defaults
 from ..keys import CHUNK_KEY, DOC_KEY, EXPANDED_KEY, ID_KEY, POSITIONS_KEY, SCORE_KEY, TEXT_KEY
-from ..placeholders import make_placeholder
+from ..placeholders import hand_out, make_placeholder
 from ..store import SoftPromptStore
 from .search import ChunkIndex, OnEmpty, SearchHit
 
@@ -69,7 +69,7 @@ class LLoCOLangChainRetriever(BaseRetriever):
     embedder: Optional[Any] = Field(default=None, exclude=True,
                                     description="None (shipped all-MiniLM-L6-v2), a sentence-transformers path/model or LangChain Embeddings.")
     k: int = Field(default=defaults.DEFAULT_TOP_K, ge=0, description="Chunks to return.")
-    position_budget: Optional[int] = Field(default=defaults.DEFAULT_POSITION_BUDGET, ge=0,
+    position_budget: Optional[int] = Field(default=defaults.DEFAULT_POSITION_BUDGET, ge=1,
                                            description="Most soft-prompt positions returned per query (None: no limit).")
     fetch_k: Optional[int] = Field(default=None, ge=1, description="Candidates searched before dedupe/budget (default max(4k, k+8)).")
     expand_top_k: int = Field(default=defaults.DEFAULT_EXPAND_TOP_K, ge=0,
@@ -156,5 +156,7 @@ class LLoCOLangChainRetriever(BaseRetriever):
             SCORE_KEY: hit.score,
             EXPANDED_KEY: hit.expanded,
         })
+        if not hit.expanded:
+            hand_out([record.soft_prompt_id])  # ChatLLoCO resolves only ids a retriever handed out
         content = record.text if hit.expanded else make_placeholder(record.soft_prompt_id)
         return Document(id=f"{record.doc_id}#{record.chunk}", page_content=content, metadata=metadata)

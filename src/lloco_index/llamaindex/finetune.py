@@ -198,7 +198,8 @@ class LLoCOFinetuneEngine:
         else:
             retriever = index_or_retriever
             if not isinstance(retriever, LLoCORetriever):
-                budget = position_budget or min(defaults.DEFAULT_POSITION_BUDGET, llm.metadata.context_window // 2)
+                budget = position_budget if position_budget is not None else min(
+                    defaults.DEFAULT_POSITION_BUDGET, llm.metadata.context_window // 2)  # 0 is refused, not the default
                 retriever = LLoCORetriever(retriever, llm.store, position_budget=budget, text_positions=llm.count_positions)
             # The synthesizer LLoCOQueryEngine.from_index builds, over this retriever.
             from llama_index.core import get_response_synthesizer
@@ -245,7 +246,7 @@ class LLoCOFinetuneEngine:
         first = synth._prompt_helper.repack(max_prompt, [packs[0]], llm=synth._llm,
                                             padding=synth._response_padding_size)[0] if packs else ""
         prompt = synth._text_qa_template.partial_format(query_str=question)
-        return self.llm._messages(self.llm._get_messages(prompt, context_str=first))
+        return self.llm._raw_messages(self.llm._get_messages(prompt, context_str=first))  # training data, not user text
 
     def retrieve_contexts(self, question: str, expand_top_k: Optional[int] = None) -> list[Context]:
         """The contexts a query for ``question`` reads (with ``expand_top_k`` instead of the retriever's own)."""

@@ -14,18 +14,49 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
 )
-from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.bridge.pydantic import Field, PrivateAttr, field_validator
+from llama_index.core.instrumentation import get_dispatcher
+from llama_index.core.instrumentation.event_handlers import BaseEventHandler
+from llama_index.core.instrumentation.events.retrieval import RetrievalEndEvent
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 
 from .. import defaults
 from ..generation import AUTO, GenerationResult, SoftPromptReader
+from ..placeholders import RESOLVE_RETRIEVED, check_handed_out, check_resolve_choice, find_ids, hand_out
 from ..store import SoftPromptStore
 
 
 def _role(role: MessageRole) -> str:
     value = role.value if hasattr(role, "value") else str(role)
     return value if value in ("system", "user", "assistant") else "user"
+
+
+class _HandOutRetrievedIds(BaseEventHandler):
+    """Records the soft-prompt ids of every LlamaIndex retrieval, whichever retriever ran it.
+
+    ``index.as_query_engine(llm=LLoCOLLM(...))`` retrieves with LlamaIndex's own retriever, which knows
+    nothing of soft prompts; its RetrievalEndEvent is the one place all retrievals pass.
+    """
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "LLoCOHandOutRetrievedIds"
+
+    def handle(self, event, **kwargs: Any) -> None:
+        if isinstance(event, RetrievalEndEvent):
+            from .node_keys import SOFT_PROMPT_KEY
+
+            for scored in event.nodes or []:
+                placeholder = (getattr(scored.node, "metadata", None) or {}).get(SOFT_PROMPT_KEY)
+                if isinstance(placeholder, str):
+                    hand_out(find_ids(placeholder))
+
+
+# The root dispatcher sees the events of every module's dispatcher; registered once, on import, so that a
+# retrieval run before any LLoCOLLM exists is recorded too.
+if not any(isinstance(h, _HandOutRetrievedIds) for h in get_dispatcher().event_handlers):
+    get_dispatcher().add_event_handler(_HandOutRetrievedIds())
 
 
 class LLoCOLLM(CustomLLM):
@@ -48,10 +79,18 @@ class LLoCOLLM(CustomLLM):
     max_batch_size: int = Field(default=1, ge=1, description=(
         "Concurrent async calls (acomplete/achat) answered together in one batched generate call, up to this many; "
         "1 keeps one call at a time."))
+    resolve_placeholders: str = Field(default=RESOLVE_RETRIEVED, description=(
+        "'retrieved': read only soft prompts a retriever handed out in this process (a question naming another "
+        "id is refused); 'any': every id in the prompt (prompts built from your own ids)."))
 
     _reader: SoftPromptReader = PrivateAttr()
     _compressor: Any = PrivateAttr()
     _batcher: Any = PrivateAttr(default=None)
+
+    @field_validator("resolve_placeholders")
+    @classmethod
+    def _check_resolve(cls, value: str) -> str:
+        return check_resolve_choice(value)
 
     def __init__(self, compressor, store: Optional[SoftPromptStore] = None, **kwargs: Any):
         backbone = compressor.backbone
@@ -124,8 +163,22 @@ class LLoCOLLM(CustomLLM):
         )
 
     # ----------------------------------------------------------- generation
-    def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
+    def _raw_messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
+        """The reader's messages, every placeholder resolvable (for prompts the package builds itself)."""
         return [{"role": _role(m.role), "content": m.content or ""} for m in messages]
+
+    def _messages(self, messages: Sequence[ChatMessage]) -> list[dict]:
+        return self._guard(self._raw_messages(messages))
+
+    def _prompt(self, prompt: str) -> list[dict]:
+        return self._guard([{"role": "user", "content": prompt}])
+
+    def _guard(self, messages: list[dict]) -> list[dict]:
+        if self.resolve_placeholders == RESOLVE_RETRIEVED:
+            # LlamaIndex formats the retrieved nodes and the question into one prompt string, so only the
+            # record of what retrieval handed out tells a retrieved placeholder from a typed one.
+            check_handed_out([i for m in messages for i in find_ids(m["content"])], "LLoCOLLM")
+        return messages
 
     def _result(self, result: GenerationResult) -> dict:
         p = result.prompt
@@ -137,12 +190,12 @@ class LLoCOLLM(CustomLLM):
 
     @llm_completion_callback()
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        result = self.reader.generate([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+        result = self.reader.generate(self._prompt(prompt), **self._call_kwargs(kwargs))
         return CompletionResponse(text=result.text, additional_kwargs=self._result(result))
 
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
-        stream = self.reader.stream([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+        stream = self.reader.stream(self._prompt(prompt), **self._call_kwargs(kwargs))
 
         def gen() -> CompletionResponseGen:
             text, yielded = "", False
@@ -191,7 +244,7 @@ class LLoCOLLM(CustomLLM):
         """With ``max_batch_size > 1``, concurrent calls (``asyncio.gather``, async query engines) share batches."""
         if self.max_batch_size <= 1:
             return self.complete(prompt, formatted=formatted, **kwargs)
-        result = await self._batching_queue().agenerate([{"role": "user", "content": prompt}], **self._call_kwargs(kwargs))
+        result = await self._batching_queue().agenerate(self._prompt(prompt), **self._call_kwargs(kwargs))
         return CompletionResponse(text=result.text, additional_kwargs=self._result(result))
 
     @llm_chat_callback()

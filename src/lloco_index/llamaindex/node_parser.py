@@ -10,7 +10,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.node_parser.interface import NodeParser
 from llama_index.core.schema import BaseNode, MetadataMode, NodeRelationship, TextNode
 
-from ..chunking import chunk_text
+from ..chunking import check_text, chunk_text
 from ..errors import EmptyDocumentError
 from ..placeholders import make_placeholder
 from ..store import SoftPromptStore
@@ -72,7 +72,7 @@ class LLoCONodeParser(NodeParser):
         planned: list[tuple[BaseNode, int, Any]] = []
         for node in nodes:
             text = node.get_content(metadata_mode=MetadataMode.NONE)
-            chunks = chunk_text(text, tokenizer, self.segment_length)
+            chunks = chunk_text(check_text(text, f"Document {_name(node)}"), tokenizer, self.segment_length)
             if not chunks:
                 self._handle_empty(node)
                 continue
@@ -115,3 +115,10 @@ class LLoCONodeParser(NodeParser):
             raise EmptyDocumentError(message.replace("and was not compressed", "; nothing to compress"))
         if self.on_empty == "warn":
             warnings.warn(message, stacklevel=3)
+
+
+def _name(node: BaseNode) -> str:
+    """The file a node came from when the reader recorded it, else its document id."""
+    metadata = node.metadata or {}
+    name = metadata.get("file_path") or metadata.get("file_name")
+    return repr(str(name)) if name else str(node.ref_doc_id or node.node_id)

@@ -16,6 +16,7 @@ from llama_index.core.indices.prompt_helper import PromptHelper
 from llama_index.core.prompts import BasePromptTemplate
 
 from ..errors import ContextBudgetError
+from ..placeholders import PLACEHOLDER_RE, find_ids
 
 SEPARATOR = "\n\n"
 
@@ -67,8 +68,13 @@ class LLoCOPromptHelper(PromptHelper):
         budget = self._get_available_chunk_size(prompt, 1, padding=padding, llm=llm, tools=tools)
         needed = sum(self._positions(c) for c in text_chunks) + self._positions("\n") * (len(text_chunks) - 1)
         if needed > budget:
+            # simple_summarize joins every chunk into one string before it calls truncate: count the soft
+            # prompts in it, not the strings.
+            soft = sum(len(find_ids(c)) for c in text_chunks)
+            text = any(PLACEHOLDER_RE.sub("", c).strip() for c in text_chunks)
+            what = f"{soft} soft prompt{'' if soft == 1 else 's'}" + (" and text" if text and soft else "") if soft else "text"
             raise ContextBudgetError(
-                f"{len(text_chunks)} retrieved chunks need {needed} positions but one call has {budget}. Truncating "
+                f"The retrieved context ({what}) needs {needed} positions but one call has {budget}. Truncating "
                 f"would drop or cut soft prompts: lower the retriever's position_budget or similarity_top_k, or use "
                 f"response_mode='compact' / 'tree_summarize', which spread chunks over several calls."
             )
