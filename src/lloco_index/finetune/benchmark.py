@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 import random
 import time
@@ -220,6 +221,63 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def write_report(run_dir: Path, out_dir: Path, name: str, command: str) -> Path:
+    """A markdown table and an accuracy-vs-positions plot from the per-question files of a run (all conditions
+    found, also a partial run's); returns the markdown path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows: dict[str, list[dict]] = {}
+    for path in sorted(Path(run_dir).glob("eval_*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if records:
+            rows[path.stem[len("eval_"):]] = records
+
+    def mean(records, key):
+        return sum(r[key] for r in records) / len(records)
+
+    subset = {r["id"] for r in rows.get("full_document_text_adapter", [])}
+    lines = [f"# Selective expansion on held-out SQuAD articles: `{name}`", "",
+             "Every `*_adapter` system reads with the same decoder and the same mixed-context adapter. `positions` are "
+             "the decoder's input positions, `seconds` the end-to-end time per question on this machine. The last "
+             "column compares each system with the full document on the questions that system was also run on.", "",
+             "| system | n | EM | F1 | positions | seconds | F1 on the full-document subset | x fewer positions than full document | x faster than full document |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    full = rows.get("full_document_text_adapter")
+    for system, records in sorted(rows.items(), key=lambda kv: mean(kv[1], "positions")):
+        same = [r for r in records if r["id"] in subset]
+        extra = ("–", "–", "–")
+        if full and same:
+            extra = (f"{mean(same, 'f1'):.3f}", f"{mean(full, 'positions') / mean(same, 'positions'):.1f}",
+                     f"{mean(full, 'seconds') / mean(same, 'seconds'):.1f}")
+        lines.append(f"| `{system}` | {len(records)} | {mean(records, 'em'):.3f} | {mean(records, 'f1'):.3f} | "
+                     f"{mean(records, 'positions'):.0f} | {mean(records, 'seconds'):.2f} | {' | '.join(extra)} |")
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file():
+        info = json.loads(summary.read_text())
+        lines += ["", f"Adapter: {info['finetune'].get('train_examples')} training examples, "
+                      f"{info['finetune'].get('step')} steps, expansion mix {info.get('expansion_mix')}."]
+    lines += ["", f"Command: `{command}`", "", f"![accuracy vs positions]({name}-accuracy-vs-positions.png)", ""]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system, records in rows.items():
+        ax.scatter(mean(records, "positions"), mean(records, "f1"))
+        ax.annotate(system.replace("_adapter", ""), (mean(records, "positions"), mean(records, "f1")), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("decoder positions per question (log)")
+    ax.set_ylabel("F1")
+    ax.set_title("Accuracy against positions (same decoder and adapter)")
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}-accuracy-vs-positions.png", dpi=120)
+    plt.close(fig)
+    md = out_dir / f"{name}.md"
+    atomic_write_bytes(md, "\n".join(lines).encode())
+    return md
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run-dir", default="runs/finetune-squad")
@@ -241,8 +299,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--skip-full", action="store_true")
     p.add_argument("--conditions", nargs="+", default=None, help="evaluate only these conditions, in this order")
     p.add_argument("--full-limit", type=int, default=None, help="full-document baseline on N evenly spread questions")
+    p.add_argument("--report", default=None, metavar="NAME",
+                   help="only write docs/benchmarks/NAME.md and its plot from the run's per-question files")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.report:
+        print(write_report(Path(args.run_dir), Path("docs/benchmarks"), args.report,
+                           "python -m lloco_index.finetune.benchmark " + " ".join(argv if argv is not None else sys.argv[1:])))
+        return
+    run(args)
 
 
 if __name__ == "__main__":
