@@ -127,10 +127,16 @@ def _quality_line(compressor) -> Optional[str]:
     if "qa_normalised_f1" in ev:
         line += (f"; QA F1 soft {ev['qa_soft_f1']:.3f} vs closed book {ev['qa_closed_f1']:.3f} vs full text "
                  f"{ev['qa_full_f1']:.3f} (normalised {ev['qa_normalised_f1']:.2f})")
-        if "qa_full_reader_f1" in ev:
+        reader = compressor.config.extra.get("reader_eval")
+        if reader:  # the reader adapter was retrained after the figures above were taken
+            line += (f" (measured with an earlier reader adapter). Its reader, trained on mixed contexts, scores on "
+                     f"held-out SQuAD articles F1 {reader['hybrid1_f1']:.3f} with the best of {reader['top_k']} chunks "
+                     f"as text, {reader['soft_f1']:.3f} from soft prompts only, against {reader['text_rag_f1']:.3f} "
+                     f"for text RAG and {reader['full_document_f1']:.3f} for the whole document with the same adapter")
+        elif "qa_full_reader_f1" in ev:
             line += f"; its reader adapter scores {ev['qa_full_reader_f1']:.3f} when given the full text instead"
         if min(ev["qa_normalised_f1"], ev.get("qa_normalised_f1_reader", 1.0)) < 0.5:
-            line += ". Answers are only partly grounded in the documents: see the model card."
+            line += ". Soft prompts alone are only partly grounded in the documents: see the model card."
     return line
 
 
