@@ -151,10 +151,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         return answer
 
-    def full_document(ex):
-        messages = engine.query_messages(ex.question, [test_docs[ex.document_id].text])
-        result = llm.reader.generate(messages, adapter=None, max_new_tokens=args.max_new_tokens)
-        return result.text, result.prompt.positions
+    def text_messages(ex, with_document: bool):
+        return engine.query_messages(ex.question, [test_docs[ex.document_id].text] if with_document else [])
+
+    def plain_reading(adapter, with_document: bool):
+        """The same template with the whole article (or nothing, closed book) read by ``adapter``."""
+        def answer(ex):
+            result = llm.reader.generate(text_messages(ex, with_document), adapter=adapter,
+                                         max_new_tokens=args.max_new_tokens)
+            return result.text, result.prompt.positions
+        return answer
+
+    full_document, closed_book = plain_reading(None, True), plain_reading(None, False)
 
     # The full-document baseline reads ~4x the positions: on a slow machine run it on an evenly spread subset
     # and compare every condition on that subset too.
@@ -162,17 +170,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.full_limit and args.full_limit < len(test_qs):
         stride = len(test_qs) / args.full_limit
         subset = [test_qs[int(i * stride)] for i in range(args.full_limit)]
-    def closed_book(ex):
-        result = llm.reader.generate(engine.query_messages(ex.question, []), adapter=None,
-                                     max_new_tokens=args.max_new_tokens)
-        return result.text, result.prompt.positions
-
-    def tuned_reader(fn):  # the baselines read with the same finetuned adapter as the lloco systems
-        def answer(ex):
-            messages = fn(ex)
-            result = llm.reader.generate(messages, adapter="squad", max_new_tokens=args.max_new_tokens)
-            return result.text, result.prompt.positions
-        return answer
 
     conditions = [("soft_prompts_no_adapter", via_engine(plain))]
     reader = compressor.reader_adapter
@@ -189,9 +186,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("hybrid1_likelihood_adapter", via_engine(tuned, expand_top_k=1, policy="likelihood")),
             ("text_rag_top1_adapter", via_engine(tuned, expand_top_k=1, top_k=1)),
             (f"text_rag_top{args.top_k}_adapter", via_engine(tuned, expand_top_k=args.top_k)),
-            ("closed_book_adapter", tuned_reader(lambda ex: engine.query_messages(ex.question, []))),
-            ("full_document_text_adapter",
-             tuned_reader(lambda ex: engine.query_messages(ex.question, [test_docs[ex.document_id].text]))),
+            # The text baselines read with the same finetuned adapter as the lloco systems.
+            ("closed_book_adapter", plain_reading("squad", False)),
+            ("full_document_text_adapter", plain_reading("squad", True)),
         ]
     if args.conditions:  # a subset, in the order given (the rest is left for a later run)
         known = dict(conditions)
