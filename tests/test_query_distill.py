@@ -190,3 +190,37 @@ def test_query_path_evaluation_reports_the_reader_lines(examples, tmp_path):
     assert metrics["soft_positions"] == pytest.approx(sum(slots) / len(slots))
     ids = {chunk_ref(j): f"id{j}" for j in paragraph[0].soft_chunks}
     assert find_ids(_with_ids(paragraph[0].messages, ids)[0]["content"]) == list(ids.values())
+
+
+def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, data_dir, tmp_path):
+    """The prepared recipe, as a GPU runs it, on a tiny decoder: every ratio trained within its budget,
+    evaluated on the same questions as the starting compressor, the best exported with a model card."""
+    from lloco_index.compressors.loading import load_compressor
+    from lloco_index.training.recipe import main
+
+    decoder = tmp_path / "decoder"
+    backbone = tiny_backbone()
+    backbone.base_model.save_pretrained(str(decoder))
+    smollm2_tokenizer().save_pretrained(str(decoder))
+    train = tmp_path / "train.jsonl.gz"
+    write_query_examples(train, examples)
+    test = tmp_path / "test.jsonl"
+    write_query_examples(test, [e for e in examples if e.kind == "paragraph"])
+    pretrain(config(tmp_path / "seed", decoder=str(decoder), distill_file=str(train), steps=1, checkpoint_every=1),
+             eval_windows=[], progress=False)
+    export_checkpoint(str(tmp_path / "seed"), str(tmp_path / "init"))
+    out = tmp_path / "out"
+    assert main(["--train", str(train), "--test", str(test), "--out", str(out), "--init", str(tmp_path / "init"),
+                 "--decoder", str(decoder), "--minutes", "0.6", "--eval-reserve-s", "2", "--probe-steps", "1",
+                 "--ratios", "4,2", "--batch-size", "2",
+                 "--max-new-tokens", "4", "--eval-batch-size", "4", "--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["ratio"] for r in results["runs"]] == [4, 2]
+    assert all(r["steps"] >= 1 and r["metrics"]["qa_n"] == 4 for r in results["runs"])
+    assert results["start"]["metrics"]["qa_n"] == 4
+    card = (out / "compressor" / "MODEL_CARD.md").read_text()
+    assert "| x4 | 4x |" in card and "| x2 | 2x |" in card and "| start |" in card
+    shipped = load_compressor(out / "compressor", decoder=str(decoder))
+    assert shipped.n_slots == 24 // results["best"]["ratio"] and shipped.reader_adapter is not None
+    size = sum(f.stat().st_size for f in (out / "compressor").rglob("*") if f.is_file())
+    assert size < 60 * 2**20

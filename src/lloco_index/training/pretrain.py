@@ -225,8 +225,6 @@ def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompress
             from peft.utils import load_peft_weights
 
             backbone.set_adapter_state_dict(compressor.reader_adapter_name, load_peft_weights(str(src / "reader")))
-    if config.objectives.get("distill", 0) > 0:
-        _add_teacher(config, backbone)
     # Only this compressor's adapters and head train; the base decoder (and any other adapter) stays frozen.
     enc, rdr = f".{compressor.encoder_adapter}.", f".{compressor.reader_adapter_name}."
     for name, p in backbone.peft_model.named_parameters():
@@ -421,6 +419,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
 
     torch.manual_seed(config.seed)  # LoRA initialisation; a resume overwrites weights and RNG anyway
     compressor = build_compressor(config, backbone)
+    if distill_pool is not None:
+        _add_teacher(config, backbone)
     sampler = WindowSampler(windows, config.batch_size * config.grad_accum, seed=config.seed)
     optimizer = make_optimizer(config, compressor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))

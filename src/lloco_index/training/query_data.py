@@ -22,6 +22,7 @@ Two shapes of context, both from SQuAD articles (train split for training, test 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from .. import defaults
 from ..chunking import chunk_text
-from ..fileio import atomic_write_bytes, jsonl_records
+from ..fileio import atomic_write_bytes
 from ..placeholders import make_placeholder
 
 MessagesFn = Callable[[str, Sequence[str]], list[dict]]
@@ -139,13 +140,20 @@ def build_query_examples(data_dir: Union[str, Path], split: str, tokenizer, mess
 
 
 def write_query_examples(path: Union[str, Path], examples: Sequence[QueryExample]) -> None:
+    """JSONL, gzip-compressed when the name ends in ``.gz`` (the prompts repeat: ~10x smaller)."""
     data = "".join(json.dumps(asdict(e)) + "\n" for e in examples).encode()
-    atomic_write_bytes(Path(path), data)
+    atomic_write_bytes(Path(path), gzip.compress(data, mtime=0) if str(path).endswith(".gz") else data)
 
 
 def load_query_examples(path: Union[str, Path]) -> list[QueryExample]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No query examples at '{path}': write them with "
+                                f"'python -m lloco_index.training.query_data --split train --out {path}'.")
+    text = gzip.decompress(path.read_bytes()).decode() if path.name.endswith(".gz") else path.read_text(encoding="utf-8")
     fields = set(QueryExample.__dataclass_fields__)
-    return [QueryExample(**{k: v for k, v in r.items() if k in fields}) for _, r in jsonl_records(Path(path))]
+    return [QueryExample(**{k: v for k, v in json.loads(line).items() if k in fields})
+            for line in text.splitlines() if line.strip()]
 
 
 def messages_fn(template: str) -> MessagesFn:
