@@ -97,7 +97,7 @@ def test_resume_is_bit_identical(tmp_path, tokenizer, windows):
     full = pretrain(config(tmp_path / "full"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
     first = pretrain(config(tmp_path / "split"), backbone=tiny_backbone(tokenizer), windows=windows,
                      progress=False, stop_after=3)
-    assert first.step == 3 and ckpt.list_checkpoints(tmp_path / "split")
+    assert first.step == 3 and ckpt.has_checkpoints(tmp_path / "split")
     # A new process would start from a fresh model: so does this second call.
     second = pretrain(config(tmp_path / "split"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
     assert second.step == 6
@@ -110,27 +110,69 @@ def test_resume_is_bit_identical(tmp_path, tokenizer, windows):
 
 def test_killed_checkpoint_write_keeps_previous(tmp_path, tokenizer, windows, monkeypatch):
     pretrain(config(tmp_path, steps=3), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000003.pt"]
+    folder = ckpt.CheckpointDir(tmp_path / ckpt.CHECKPOINT_DIR)
+    assert folder.names() == ["step-000003"] and folder.latest_name() == "step-000003"
 
-    # Killed after the temporary file is written, before it is renamed into place.
-    import lloco_index.fileio as base  # where atomic_write_bytes lives
-
+    # Killed after the temporary folder is written, before it is renamed into place.
     def killed(*_args, **_kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(base.os, "replace", killed)
+    monkeypatch.setattr(ckpt.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(tmp_path, 6, {"model": {"w": torch.ones(3)}})
+        folder.save(6, tensors={"model": {"w": torch.ones(3)}}, objects={}, state={"step": 6})
     monkeypatch.undo()
-    path, state = ckpt.latest_checkpoint(tmp_path)
-    assert path.name == "step-00000003.pt" and state["step"] == 3
+    found = ckpt.load_run_checkpoint(tmp_path)
+    assert found.path.name == "step-000003" and found.step == 3 and found.state["step"] == 3
 
-    # A damaged newer file (e.g. a full disk) is skipped too.
-    (tmp_path / ckpt.CHECKPOINT_DIR / "step-00000006.pt").write_bytes(b"\x80truncated")
-    path, state = ckpt.latest_checkpoint(tmp_path)
-    assert path.name == "step-00000003.pt" and state["step"] == 3
-    leftovers = [p for p in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir() if p.name.endswith(".tmp")]
+    # A damaged newer checkpoint (e.g. a full disk) is skipped too, even when LATEST names it.
+    damaged = tmp_path / ckpt.CHECKPOINT_DIR / "step-000006"
+    damaged.mkdir()
+    (damaged / "state.json").write_text('{"step": 6}')
+    (damaged / "model.safetensors").write_bytes(b"\x80truncated")
+    (tmp_path / ckpt.CHECKPOINT_DIR / ckpt.POINTER).write_text("step-000006")
+    found = ckpt.load_run_checkpoint(tmp_path)
+    assert found.path.name == "step-000003" and found.step == 3
+    leftovers = [p for p in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir() if p.name.startswith(".")]
     assert not leftovers
+
+
+def _as_legacy_file(run_dir, step: int) -> None:
+    """Rewrite a run's checkpoint folder as the single ``.pt`` file pretraining used to write (with the
+    scheduler state and the config names of that time), then remove the folder."""
+    found = ckpt.load_run_checkpoint(run_dir, step)
+    config = dict(found.state["config"])
+    for new, old in (("learning_rate", "lr"), ("grad_accum_steps", "grad_accum"), ("lr_schedule", "schedule")):
+        if new in config:
+            config[old] = config.pop(new)
+    legacy = {"step": step, "config": config, "model": found.tensors["model"], "optimizer": found.objects["optimizer"],
+              "scheduler": {"base_lrs": [3e-3], "last_epoch": step}, "data": found.state["data"],
+              "rng": found.objects["rng"], "history": found.state["history"], "machine": found.state["machine"]}
+    torch.save(legacy, str(run_dir / ckpt.CHECKPOINT_DIR / f"step-{step:08d}.pt"))
+    import shutil
+
+    shutil.rmtree(found.path)
+    (run_dir / ckpt.CHECKPOINT_DIR / ckpt.POINTER).unlink()
+
+
+def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, windows):
+    full = pretrain(config(tmp_path / "full"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
+    for name in ("old", "converted"):
+        pretrain(config(tmp_path / name), backbone=tiny_backbone(tokenizer), windows=windows, progress=False,
+                 stop_after=3)
+        _as_legacy_file(tmp_path / name, 3)
+    assert [p.name for p in ckpt.legacy_checkpoints(tmp_path / "old")] == ["step-00000003.pt"]
+
+    written = ckpt.convert_legacy_checkpoints(tmp_path / "converted", remove=True)
+    assert [p.name for p in written] == ["step-000003"] and not ckpt.legacy_checkpoints(tmp_path / "converted")
+    assert ckpt.CheckpointDir(tmp_path / "converted" / ckpt.CHECKPOINT_DIR).latest_name() == "step-000003"
+
+    a = trainable_state(full.compressor)
+    for name in ("old", "converted"):
+        resumed = pretrain(config(tmp_path / name), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
+        assert resumed.step == 6
+        b = trainable_state(resumed.compressor)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert [r["loss"] for r in full.history] == [r["loss"] for r in resumed.history]
 
 
 def test_sampler_state_and_shorten(windows):
@@ -195,7 +237,7 @@ def test_model_card_records_the_machine_the_run_trained_on(tmp_path, tokenizer, 
 
     pretrain(config(tmp_path / "run", steps=2, checkpoint_every=2), backbone=tiny_backbone(tokenizer),
              windows=windows, progress=False)
-    _, state = ckpt.latest_checkpoint(tmp_path / "run")
+    state = ckpt.load_run_checkpoint(tmp_path / "run").state
     assert state["machine"] == describe_machine("cpu") and "torch threads" in state["machine"]
     card_args = dict(base_model="tiny", config={**state["config"], "reader": True}, final_eval=None,
                      command="lloco-index pretrain", step=2, wall_hours=0.5)

@@ -38,7 +38,8 @@ from ..fileio import atomic_write_bytes
 from ..errors import ContextBudgetError, LLoCOError
 from ..generation import SoftPromptReader
 from ..precision import autocast
-from .checkpoint import CheckpointDir
+from ..training.checkpoint import CheckpointDir, rng_state, set_rng_state
+from ..training.schedule import lr_multiplier
 from .config import FinetuneConfig
 from .data import Message, TrainExample, examples_hash
 
@@ -304,14 +305,7 @@ class LoRAFinetuner:
         """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the configured decay."""
         cfg, total = self.config, self.total_steps
         warmup = math.ceil(cfg.warmup_ratio * total)
-        if step < warmup:
-            return cfg.learning_rate * (step + 1) / warmup
-        if cfg.lr_schedule == "constant":
-            return cfg.learning_rate
-        progress = (step - warmup) / max(1, total - warmup)
-        if cfg.lr_schedule == "linear":
-            return cfg.learning_rate * (1.0 - progress)
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.learning_rate * lr_multiplier(step, total_steps=total, warmup_steps=warmup, schedule=cfg.lr_schedule)
 
     def epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
@@ -325,11 +319,8 @@ class LoRAFinetuner:
                 "adapter_name": self.adapter_name}
 
     def _save_checkpoint(self, state: dict[str, Any], optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor]) -> None:
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         self.checkpoints.save(state["step"], tensors={"adapter": self.adapter_state(), "best_adapter": best},
-                              objects={"optimizer": optimizer.state_dict(), "rng": rng}, state=state)
+                              objects={"optimizer": optimizer.state_dict(), "rng": rng_state()}, state=state)
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         for key, mine in (("data_hash", self.data_hash), ("config_hash", self.config.training_hash()),
@@ -359,9 +350,7 @@ class LoRAFinetuner:
             self.backbone.set_adapter_state_dict(self.adapter_name, checkpoint.tensors["adapter"])
             best = checkpoint.tensors["best_adapter"]
             optimizer.load_state_dict(checkpoint.objects["optimizer"])
-            torch.set_rng_state(checkpoint.objects["rng"]["cpu"])
-            if "cuda" in checkpoint.objects["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint.objects["rng"]["cuda"])
+            set_rng_state(checkpoint.objects["rng"])
             logger.info("Resuming %s at step %d/%d", self.adapter_name, state["step"], self.total_steps)
         else:
             state = self._fresh_state()

@@ -161,14 +161,10 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise SystemExit("--export needs --out DIR")
-    if args.export_step is not None:
-        state = ckpt.load_checkpoint(ckpt.checkpoint_path(args.export, args.export_step))
-    else:
-        found = ckpt.latest_checkpoint(args.export)
-        if found is None:
-            raise SystemExit(f"No loadable checkpoint in {args.export}")
-        _, state = found
-    step = int(state["step"])
+    found = ckpt.load_run_checkpoint(args.export, args.export_step)
+    if found is None:
+        raise SystemExit(f"No loadable checkpoint in {args.export}")
+    state, step = found.state, found.step
     compressor = export_checkpoint(args.export, args.out, step=step)
     print(f"exported step {step} ({compressor.fingerprint}) to {args.out}")
     backbone = compressor.backbone

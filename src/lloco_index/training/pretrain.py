@@ -16,7 +16,6 @@ tokens/s and ETA. Metrics go to ``<run_dir>/metrics.jsonl``.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from .evaluate import evaluate_compressor, held_out_windows
 from .model_card import describe_machine
 from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
 from .recursive import recursive_lm_loss, split_segments
+from .schedule import lr_multiplier
 
 
 @dataclass
@@ -161,13 +161,8 @@ def lr_lambda(config: PretrainConfig):
     """Multiplier on each group's base learning rate: linear warmup, then cosine/linear decay to min_lr_ratio."""
 
     def f(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / max(1, config.warmup_steps)
-        if config.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * decay
+        return lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
+                             schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
 
     return f
 
@@ -362,26 +357,25 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     compressor = build_compressor(config, backbone)
     sampler = WindowSampler(windows, config.batch_size * config.grad_accum, seed=config.seed)
     optimizer = make_optimizer(config, compressor)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # the schedule scales these; a resume restores none
+    checkpoints = ckpt.CheckpointDir(run_dir / ckpt.CHECKPOINT_DIR, keep=config.keep_checkpoints)
     history: list[dict[str, Any]] = []
     step = 0
-    found = ckpt.latest_checkpoint(run_dir) if resume else None
-    if resume and found is None and ckpt.list_checkpoints(run_dir):
+    found = ckpt.load_run_checkpoint(run_dir) if resume else None
+    if resume and found is None and ckpt.has_checkpoints(run_dir):
         # Never silently restart from scratch over a run whose checkpoints exist but do not load.
         raise RuntimeError(f"{run_dir}: checkpoints exist but none loads; inspect them or pass resume=False "
                            f"(--no-resume) to start over.")
     if found is not None:
-        path, state = found
-        load_trainable_state(compressor, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        history = state.get("history", [])
-        step = int(state["step"])
+        load_trainable_state(compressor, found.tensors["model"])
+        optimizer.load_state_dict(found.objects["optimizer"])
+        sampler.load_state_dict(found.state["data"])
+        ckpt.set_rng_state(found.objects["rng"])
+        history = found.state.get("history", [])
+        step = found.step
         # Records written after this checkpoint belong to steps that will be redone: drop them.
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        tqdm.write(f"resumed from {path} at step {step}")
+        tqdm.write(f"resumed from {found.path} at step {step}")
     else:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -394,10 +388,10 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     machine = describe_machine(backbone.device)  # for the model card
 
     def save(at: int) -> None:
-        ckpt.save_checkpoint(run_dir, at, {
-            "config": asdict(config), "model": trainable_state(compressor), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "rng": ckpt.rng_state(),
-            "history": history, "machine": machine}, keep=config.keep_checkpoints)
+        checkpoints.save(at, tensors={"model": trainable_state(compressor)},
+                         objects={"optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()},
+                         state={"step": at, "config": asdict(config), "data": sampler.state_dict(), "history": history,
+                                "machine": machine})
 
     def run_eval(at: int) -> dict[str, float]:
         metrics = evaluate_compressor(compressor, eval_windows, reader_adapter=compressor.reader_adapter,
@@ -424,6 +418,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
         rng = random.Random(config.seed * 7_919 + step)  # per-step stream: identical after a resume
         batch = sampler.next_batch()
         optimizer.zero_grad(set_to_none=True)
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * lr_lambda(config)(step)
         parts: dict[str, list[float]] = {}
         loss_sum = 0.0
         for micro in range(config.grad_accum):
@@ -462,12 +458,11 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
             loss_sum += float(loss.detach()) / config.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
         optimizer.step()
-        scheduler.step()
         compressor.invalidate_fingerprint()
         step += 1
         record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len,
                   **({"ac_segments": n_chunks} if is_ac else {}),
-                  "n_slots": compressor.config.n_slots, "lr": scheduler.get_last_lr()[0],
+                  "n_slots": compressor.config.n_slots, "lr": base_lrs[0] * lr_lambda(config)(step),
                   **{f"loss_{k}": sum(v) / len(v) for k, v in parts.items()}, "time": time.time()}
         history.append(record)
         _log(run_dir, record)
@@ -494,18 +489,14 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     copy of the decoder (``decoder/``, with an identity of its own) next to the summary embeddings;
     the compressor returned is the one loaded back from ``out_dir``.
     """
-    if step is None:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"No loadable checkpoint in {run_dir}/{ckpt.CHECKPOINT_DIR}")
-        _, state = found
-    else:
-        state = ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, step))
+    found = ckpt.load_run_checkpoint(run_dir, step)
+    if found is None:
+        raise FileNotFoundError(f"No loadable checkpoint in {run_dir}/{ckpt.CHECKPOINT_DIR}")
     fields = PretrainConfig.__dataclass_fields__
-    config = PretrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
+    config = PretrainConfig(**{k: v for k, v in found.state["config"].items() if k in fields})
     config.init_projection = "identity"
     config.init_from = None
-    model_state = dict(state["model"])
+    model_state = dict(found.tensors["model"])
     reader_b = [v for k, v in model_state.items() if k.startswith("reader.") and "lora_B" in k]
     if config.method == "icae" and reader_b and all(float(v.abs().max()) == 0 for v in reader_b):
         # LoRA B still zero: the reader never trained and is the identity. Ship none rather than a no-op.
@@ -514,8 +505,8 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     backbone = backbone or Backbone.load(config.decoder, device=select_device(config.device))
     compressor = build_compressor(config, backbone)
     load_trainable_state(compressor, model_state)
-    compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(int(state["step"]) - 1, 0), config.n_slots)
-    compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": int(state["step"]),
+    compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(found.step - 1, 0), config.n_slots)
+    compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": found.step,
                                             "objectives": config.objectives}, **(notes or {})}
     compressor.invalidate_fingerprint()
     if isinstance(compressor, AutoCompressor):
