@@ -76,7 +76,7 @@ def windows(tokenizer):
 
 def config(tmp_path, **kw) -> PretrainConfig:
     base = dict(run_dir=str(tmp_path), segment_length=32, n_slots=8, pool_layer=1, lora_r=4, lora_alpha=8,
-                reader_r=4, reader_alpha=8, continuation_length=16, batch_size=2, lr=3e-3, head_lr=1e-2,
+                reader_r=4, reader_alpha=8, continuation_length=16, batch_size=2, learning_rate=3e-3, head_lr=1e-2,
                 warmup_steps=1, steps=6, checkpoint_every=3, eval_every=0, seed=0,
                 objectives={"lm": 1.0, "kl": 1.0, "ae": 1.0})
     base.update(kw)
@@ -86,7 +86,7 @@ def config(tmp_path, **kw) -> PretrainConfig:
 def test_loss_goes_down(tmp_path, tokenizer, windows):
     # One fixed batch of AE examples: the reconstruction loss must fall within a few steps.
     batch = windows[:2]
-    result = pretrain(config(tmp_path, objectives={"ae": 1.0}, steps=8, checkpoint_every=0, schedule="constant"),
+    result = pretrain(config(tmp_path, objectives={"ae": 1.0}, steps=8, checkpoint_every=0, lr_schedule="constant"),
                       backbone=tiny_backbone(tokenizer), windows=batch, progress=False)
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
@@ -305,7 +305,7 @@ def test_recursive_loss_reads_the_summaries(tokenizer, ac_windows):
 
 def test_autocompressor_training_learns_and_resumes(tmp_path, tokenizer, ac_windows):
     batch = ac_windows[:2]
-    result = pretrain(ac_config(tmp_path / "a", steps=8, checkpoint_every=0, schedule="constant"),
+    result = pretrain(ac_config(tmp_path / "a", steps=8, checkpoint_every=0, lr_schedule="constant"),
                       backbone=tiny_backbone(tokenizer), windows=batch, progress=False)
     losses = [r["loss_ac"] for r in result.history if "loss_ac" in r]
     assert len(losses) == 8 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
@@ -331,7 +331,7 @@ def test_autocompressor_export_merges_the_lora(tmp_path, tokenizer, ac_windows):
     from lloco_index.compressors.loading import load_compressor
     from lloco_index.training.pretrain import export_checkpoint
 
-    result = pretrain(ac_config(tmp_path / "run", steps=3, checkpoint_every=3, lr=3e-2),
+    result = pretrain(ac_config(tmp_path / "run", steps=3, checkpoint_every=3, learning_rate=3e-2),
                       backbone=tiny_backbone(tokenizer), windows=ac_windows, progress=False)
     exported = export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), backbone=tiny_backbone(tokenizer))
     loaded = load_compressor(tmp_path / "out")
@@ -431,3 +431,32 @@ def test_pretrain_cli_device_reaches_the_config(tmp_path, monkeypatch):
         main(["pretrain", "--run-dir", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt"), "--steps", "1",
               "--eval-every", "0", "--device", "meta"])
     assert seen == [torch.device("meta")]
+
+
+def test_one_config_vocabulary_reads_the_older_pretraining_names(tmp_path):
+    import argparse
+    import json
+
+    from lloco_index.finetune.config import FinetuneConfig
+    from lloco_index.training.cli import add_pretrain_arguments, config_from_args
+
+    old = {"run_dir": "r", "lr": 1e-3, "grad_accum": 4, "schedule": "linear", "retired_field": 1}
+    loaded = PretrainConfig.from_dict(old)
+    assert (loaded.learning_rate, loaded.grad_accum_steps, loaded.lr_schedule) == (1e-3, 4, "linear")
+    # A current name given next to an old one wins.
+    assert PretrainConfig.from_dict({**old, "learning_rate": 5e-4}).learning_rate == 5e-4
+    assert FinetuneConfig.from_dict({"lr": 1e-3, "grad_accum": 4}).examples_per_step == 4
+
+    # A --config file saved by an older run: its values hold unless a flag is given explicitly.
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    parser = argparse.ArgumentParser()
+    add_pretrain_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "config.json"), "--lr", "2e-3"])
+    cfg = config_from_args(args)
+    assert (cfg.learning_rate, cfg.grad_accum_steps, cfg.lr_schedule) == (2e-3, 4, "linear")
+
+    # Finetuning kept its names, so the hash a saved run is resumed against is what it was.
+    assert FinetuneConfig().training_hash() == "08cea5087ecad53f"
+    assert FinetuneConfig(learning_rate=1e-4, grad_accum_steps=2, lr_schedule="linear").training_hash() == "caa63a7be01b2c31"
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        PretrainConfig(run_dir="r", lr_schedule="step").check()

@@ -89,7 +89,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        from ..training.vocabulary import upgrade_names
+
+        known = {k: v for k, v in upgrade_names(data).items() if k in cls.__dataclass_fields__}
         if "bf16" in data and "dtype" not in data:  # configs written before the precision policy
             known["dtype"] = "auto" if data["bf16"] else "float32"
         return cls(**known)

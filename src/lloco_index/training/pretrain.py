@@ -47,7 +47,8 @@ from .evaluate import evaluate_compressor, held_out_windows
 from .model_card import describe_machine
 from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
 from .recursive import recursive_lm_loss, split_segments
-from .schedule import lr_multiplier
+from .schedule import check_schedule, lr_multiplier
+from .vocabulary import upgrade_names
 
 
 @dataclass
@@ -87,13 +88,13 @@ class PretrainConfig:
     # --- optimisation
     steps: int = 1000
     batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4  # encoder LoRA
-    reader_lr: Optional[float] = None  # default: lr
+    grad_accum_steps: int = 1
+    learning_rate: float = 3e-4  # encoder LoRA
+    reader_lr: Optional[float] = None  # default: learning_rate
     head_lr: float = 3e-3  # projection (+ memory tokens): new parameters learn faster
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    lr_schedule: str = "cosine"  # "cosine" | "linear" | "constant"
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
@@ -116,9 +117,16 @@ class PretrainConfig:
     def ratio(self) -> float:
         return self.segment_length / self.n_slots
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
+        """A saved config (``config.json``, a checkpoint's): older field names are read as today's, unknown ones
+        dropped."""
+        known = {k: v for k, v in upgrade_names(data).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
 
     def check(self) -> None:
         """Refuse combinations that cannot train, before any model is loaded."""
+        check_schedule(self.lr_schedule)
         if self.method not in ("icae", "autocompressor"):
             raise ValueError(f"method must be 'icae' or 'autocompressor', got {self.method!r}.")
         uses_ac = self.objectives.get("ac", 0) > 0
@@ -162,7 +170,7 @@ def lr_lambda(config: PretrainConfig):
 
     def f(step: int) -> float:
         return lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
-                             schedule=config.schedule, min_lr_ratio=config.min_lr_ratio)
+                             schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
 
     return f
 
@@ -280,10 +288,10 @@ def make_optimizer(config: PretrainConfig, compressor: ICAECompressor | AutoComp
     named = [(n, p) for n, p in backbone.peft_model.named_parameters() if p.requires_grad]
     enc = [p for n, p in named if enc_key and enc_key in n]
     rdr = [p for n, p in named if rdr_key in n]
-    groups = [{"params": enc, "lr": config.lr, "name": "encoder"}] if enc else []
+    groups = [{"params": enc, "lr": config.learning_rate, "name": "encoder"}] if enc else []
     groups.append({"params": head, "lr": config.head_lr, "name": "head"})
     if rdr:
-        groups.append({"params": rdr, "lr": config.reader_lr or config.lr, "name": "reader"})
+        groups.append({"params": rdr, "lr": config.reader_lr or config.learning_rate, "name": "reader"})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
 
 
@@ -355,7 +363,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
 
     torch.manual_seed(config.seed)  # LoRA initialisation; a resume overwrites weights and RNG anyway
     compressor = build_compressor(config, backbone)
-    sampler = WindowSampler(windows, config.batch_size * config.grad_accum, seed=config.seed)
+    sampler = WindowSampler(windows, config.batch_size * config.grad_accum_steps, seed=config.seed)
     optimizer = make_optimizer(config, compressor)
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # the schedule scales these; a resume restores none
     checkpoints = ckpt.CheckpointDir(run_dir / ckpt.CHECKPOINT_DIR, keep=config.keep_checkpoints)
@@ -422,7 +430,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
             group["lr"] = base * lr_lambda(config)(step)
         parts: dict[str, list[float]] = {}
         loss_sum = 0.0
-        for micro in range(config.grad_accum):
+        for micro in range(config.grad_accum_steps):
             raw = batch[micro * config.batch_size : (micro + 1) * config.batch_size]
             chunk = [shorten(w, seg_len, config.continuation_length) for w in raw]
             names = mix.sample(rng, len(chunk))
@@ -454,8 +462,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                 continue  # nothing scorable (e.g. one-token segments): no gradient from this micro-batch
             # Token-averaged over every objective in the micro-batch (without 'ac' exactly mixed_loss's mean).
             loss = report.loss if not recursive else loss / n_scored
-            (loss / config.grad_accum).backward()
-            loss_sum += float(loss.detach()) / config.grad_accum
+            (loss / config.grad_accum_steps).backward()
+            loss_sum += float(loss.detach()) / config.grad_accum_steps
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
         optimizer.step()
         compressor.invalidate_fingerprint()
@@ -492,8 +500,7 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     found = ckpt.load_run_checkpoint(run_dir, step)
     if found is None:
         raise FileNotFoundError(f"No loadable checkpoint in {run_dir}/{ckpt.CHECKPOINT_DIR}")
-    fields = PretrainConfig.__dataclass_fields__
-    config = PretrainConfig(**{k: v for k, v in found.state["config"].items() if k in fields})
+    config = PretrainConfig.from_dict(found.state["config"])
     config.init_projection = "identity"
     config.init_from = None
     model_state = dict(found.tensors["model"])
