@@ -47,7 +47,8 @@ from .evaluate import evaluate_compressor, held_out_windows
 from .model_card import describe_machine
 from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
 from .recursive import recursive_lm_loss, split_segments
-from .schedule import check_schedule, lr_multiplier
+from .loop import AfterStep, StepStats, TrainLoop
+from .schedule import check_schedule
 from .vocabulary import upgrade_names
 
 
@@ -163,16 +164,6 @@ def curriculum_value(schedule: list[list[int]], step: int, default: int) -> int:
         if step >= start:
             value = v
     return value
-
-
-def lr_lambda(config: PretrainConfig):
-    """Multiplier on each group's base learning rate: linear warmup, then cosine/linear decay to min_lr_ratio."""
-
-    def f(step: int) -> float:
-        return lr_multiplier(step, total_steps=config.steps, warmup_steps=config.warmup_steps,
-                             schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio)
-
-    return f
 
 
 # ------------------------------------------------------------------ building
@@ -365,7 +356,10 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     compressor = build_compressor(config, backbone)
     sampler = WindowSampler(windows, config.batch_size * config.grad_accum_steps, seed=config.seed)
     optimizer = make_optimizer(config, compressor)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]  # the schedule scales these; a resume restores none
+    loop = TrainLoop(optimizer, total_steps=config.steps, warmup_steps=config.warmup_steps,
+                     lr_schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio,
+                     max_grad_norm=config.max_grad_norm, checkpoint_every=config.checkpoint_every, desc="pretrain",
+                     progress=progress)
     checkpoints = ckpt.CheckpointDir(run_dir / ckpt.CHECKPOINT_DIR, keep=config.keep_checkpoints)
     history: list[dict[str, Any]] = []
     step = 0
@@ -415,19 +409,17 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     if step == 0 and config.eval_every and eval_windows:
         last_eval = run_eval(0)
     end = config.steps if stop_after is None else min(config.steps, step + stop_after)
-    bar = tqdm(total=config.steps, initial=step, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     tokens_seen, t0 = 0, time.perf_counter()
     is_ac = config.method == "autocompressor"
-    while step < end:
+
+    def train_step(step: int) -> dict[str, Any]:
+        """The gradients of optimizer step ``step``: the mean over micro-batches of their token-averaged loss."""
+        nonlocal tokens_seen
         seg_len = curriculum_value(config.segment_curriculum, step, config.segment_length)
         compressor.config.n_slots = curriculum_value(config.slots_curriculum, step, config.n_slots)
         n_chunks = curriculum_value(config.chunks_curriculum, step, config.ac_segments) if is_ac else 1
         rng = random.Random(config.seed * 7_919 + step)  # per-step stream: identical after a resume
         batch = sampler.next_batch()
-        optimizer.zero_grad(set_to_none=True)
-        for group, base in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base * lr_lambda(config)(step)
         parts: dict[str, list[float]] = {}
         loss_sum = 0.0
         for micro in range(config.grad_accum_steps):
@@ -464,26 +456,24 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
             loss = report.loss if not recursive else loss / n_scored
             (loss / config.grad_accum_steps).backward()
             loss_sum += float(loss.detach()) / config.grad_accum_steps
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-        optimizer.step()
+        return {"loss": loss_sum, "parts": parts, "seg_len": seg_len, "n_chunks": n_chunks}
+
+    def after_step(done: int, out: dict[str, Any], stats: StepStats) -> AfterStep:
+        nonlocal last_eval
         compressor.invalidate_fingerprint()
-        step += 1
-        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len,
-                  **({"ac_segments": n_chunks} if is_ac else {}),
-                  "n_slots": compressor.config.n_slots, "lr": base_lrs[0] * lr_lambda(config)(step),
-                  **{f"loss_{k}": sum(v) / len(v) for k, v in parts.items()}, "time": time.time()}
+        record = {"step": done, "loss": out["loss"], "grad_norm": stats.grad_norm, "seg_len": out["seg_len"],
+                  **({"ac_segments": out["n_chunks"]} if is_ac else {}),
+                  "n_slots": compressor.config.n_slots, "lr": loop.lrs_at(done)[0],  # the next step's
+                  **{f"loss_{k}": sum(v) / len(v) for k, v in out["parts"].items()}, "time": time.time()}
         history.append(record)
         _log(run_dir, record)
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}", seg=seg_len)
-        bar.update(1)
-        if config.eval_every and eval_windows and step % config.eval_every == 0:
-            last_eval = run_eval(step)
-        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
-            save(step)
-    bar.close()
-    if stop_after is not None and step < config.steps and config.checkpoint_every and step % config.checkpoint_every:
-        save(step)  # a time-sliced run always leaves a checkpoint where it stopped
+        if config.eval_every and eval_windows and done % config.eval_every == 0:
+            last_eval = run_eval(done)
+        return AfterStep(postfix=dict(loss=f"{out['loss']:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}",
+                                      seg=out["seg_len"]))
+
+    step = loop.run(step, end, train_step, after_step, save)
     # The ratio the weights were last trained at (a ratio curriculum may have moved it).
     compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(step - 1, 0), config.n_slots)
     return PretrainResult(compressor, step, history, last_eval)
