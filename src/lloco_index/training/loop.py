@@ -42,6 +42,7 @@ class AfterStep:
     finished: bool = False  # training is over (last step, early stop): checkpoint and leave the loop
 
 
+@dataclass
 class TrainLoop:
     """Scheduled, clipped optimizer steps with checkpoints and a progress bar.
 
@@ -50,21 +51,22 @@ class TrainLoop:
     ``max_grad_norm`` 0 measures the gradient norm without clipping; ``checkpoint_every`` 0 never checkpoints.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, total_steps: int, warmup_steps: int, lr_schedule: str,
-                 max_grad_norm: float, checkpoint_every: int, min_lr_ratio: float = 0.0, desc: str = "train",
-                 progress: bool = True):
-        check_schedule(lr_schedule)
-        self.optimizer = optimizer
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.lr_schedule = lr_schedule
-        self.min_lr_ratio = min_lr_ratio
-        self.max_grad_norm = max_grad_norm
-        self.checkpoint_every = checkpoint_every
-        self.desc = desc
-        self.progress = progress
+    optimizer: torch.optim.Optimizer
+    total_steps: int
+    warmup_steps: int
+    lr_schedule: str
+    max_grad_norm: float
+    checkpoint_every: int
+    min_lr_ratio: float = 0.0
+    desc: str = "train"
+    progress: bool = True
+    base_lrs: list[float] = field(init=False)
+    params: list[torch.nn.Parameter] = field(init=False)
+
+    def __post_init__(self) -> None:
+        check_schedule(self.lr_schedule)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def lrs_at(self, step: int) -> list[float]:
         """Each group's learning rate for optimizer step ``step`` (0-based)."""
