@@ -190,6 +190,14 @@ def test_store_is_reopened_when_chunks_were_added_elsewhere(persisted):
     assert message.response_metadata["lloco"]["soft_prompt_ids"] == [new_id]
 
 
+def test_a_damaged_chunk_index_is_refused_and_names_the_intact_soft_prompts(tmp_path):
+    persist_dir = tmp_path / "lc"
+    LLoCOLangChainRetriever.from_texts(CORPUS[:2], tiny_compressor(), persist_dir, METADATAS[:2], k=1)
+    (persist_dir / "lloco_langchain" / "chunks.json").write_bytes(b"\xff{not json")
+    with pytest.raises(CorruptStoreError, match=r"chunks.json is corrupt .*soft prompts in .* are intact"):
+        LLoCOLangChainRetriever(persist_dir=str(persist_dir), compressor=tiny_compressor()).invoke("anything")
+
+
 def test_construction_errors_are_precise():
     with pytest.raises(ValueError, match="compressor=, backbone= or persist_dir="):
         ChatLLoCO()

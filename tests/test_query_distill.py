@@ -68,7 +68,7 @@ def examples(data_dir):
 
 def config(tmp_path, **kw) -> PretrainConfig:
     base = dict(run_dir=str(tmp_path), segment_length=24, n_slots=6, pool_layer=1, lora_r=4, lora_alpha=8,
-                reader_r=4, reader_alpha=8, batch_size=2, lr=3e-3, head_lr=1e-2, warmup_steps=1, steps=6,
+                reader_r=4, reader_alpha=8, batch_size=2, learning_rate=3e-3, head_lr=1e-2, warmup_steps=1, steps=6,
                 checkpoint_every=3, eval_every=0, seed=0, objectives={"distill": 1.0}, teacher="base")
     base.update(kw)
     return PretrainConfig(**base)
@@ -130,7 +130,7 @@ def test_distill_trains_and_warm_up_freezes_the_encoder(examples, tmp_path):
     path = tmp_path / "train.jsonl"
     write_query_examples(path, examples)
     backbone = tiny_backbone()
-    cfg = config(tmp_path / "run", distill_file=str(path), steps=10, checkpoint_every=0, schedule="constant",
+    cfg = config(tmp_path / "run", distill_file=str(path), steps=10, checkpoint_every=0, lr_schedule="constant",
                  freeze_encoder_steps=4, batch_size=4)
     first = pretrain(cfg.__class__(**{**cfg.__dict__, "steps": 4, "run_dir": str(tmp_path / "warm")}),
                      backbone=backbone, eval_windows=[], progress=False)

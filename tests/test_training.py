@@ -76,7 +76,7 @@ def windows(tokenizer):
 
 def config(tmp_path, **kw) -> PretrainConfig:
     base = dict(run_dir=str(tmp_path), segment_length=32, n_slots=8, pool_layer=1, lora_r=4, lora_alpha=8,
-                reader_r=4, reader_alpha=8, continuation_length=16, batch_size=2, lr=3e-3, head_lr=1e-2,
+                reader_r=4, reader_alpha=8, continuation_length=16, batch_size=2, learning_rate=3e-3, head_lr=1e-2,
                 warmup_steps=1, steps=6, checkpoint_every=3, eval_every=0, seed=0,
                 objectives={"lm": 1.0, "kl": 1.0, "ae": 1.0})
     base.update(kw)
@@ -86,7 +86,7 @@ def config(tmp_path, **kw) -> PretrainConfig:
 def test_loss_goes_down(tmp_path, tokenizer, windows):
     # One fixed batch of AE examples: the reconstruction loss must fall within a few steps.
     batch = windows[:2]
-    result = pretrain(config(tmp_path, objectives={"ae": 1.0}, steps=8, checkpoint_every=0, schedule="constant"),
+    result = pretrain(config(tmp_path, objectives={"ae": 1.0}, steps=8, checkpoint_every=0, lr_schedule="constant"),
                       backbone=tiny_backbone(tokenizer), windows=batch, progress=False)
     losses = [r["loss"] for r in result.history if "loss" in r]
     assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
@@ -97,7 +97,7 @@ def test_resume_is_bit_identical(tmp_path, tokenizer, windows):
     full = pretrain(config(tmp_path / "full"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
     first = pretrain(config(tmp_path / "split"), backbone=tiny_backbone(tokenizer), windows=windows,
                      progress=False, stop_after=3)
-    assert first.step == 3 and ckpt.list_checkpoints(tmp_path / "split")
+    assert first.step == 3 and ckpt.has_checkpoints(tmp_path / "split")
     # A new process would start from a fresh model: so does this second call.
     second = pretrain(config(tmp_path / "split"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
     assert second.step == 6
@@ -110,27 +110,69 @@ def test_resume_is_bit_identical(tmp_path, tokenizer, windows):
 
 def test_killed_checkpoint_write_keeps_previous(tmp_path, tokenizer, windows, monkeypatch):
     pretrain(config(tmp_path, steps=3), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000003.pt"]
+    folder = ckpt.CheckpointDir(tmp_path / ckpt.CHECKPOINT_DIR)
+    assert folder.names() == ["step-000003"] and folder.latest_name() == "step-000003"
 
-    # Killed after the temporary file is written, before it is renamed into place.
-    import lloco_index.fileio as base  # where atomic_write_bytes lives
-
+    # Killed after the temporary folder is written, before it is renamed into place.
     def killed(*_args, **_kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(base.os, "replace", killed)
+    monkeypatch.setattr(ckpt.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(tmp_path, 6, {"model": {"w": torch.ones(3)}})
+        folder.save(6, tensors={"model": {"w": torch.ones(3)}}, objects={}, state={"step": 6})
     monkeypatch.undo()
-    path, state = ckpt.latest_checkpoint(tmp_path)
-    assert path.name == "step-00000003.pt" and state["step"] == 3
+    found = ckpt.load_run_checkpoint(tmp_path)
+    assert found.path.name == "step-000003" and found.step == 3 and found.state["step"] == 3
 
-    # A damaged newer file (e.g. a full disk) is skipped too.
-    (tmp_path / ckpt.CHECKPOINT_DIR / "step-00000006.pt").write_bytes(b"\x80truncated")
-    path, state = ckpt.latest_checkpoint(tmp_path)
-    assert path.name == "step-00000003.pt" and state["step"] == 3
-    leftovers = [p for p in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir() if p.name.endswith(".tmp")]
+    # A damaged newer checkpoint (e.g. a full disk) is skipped too, even when LATEST names it.
+    damaged = tmp_path / ckpt.CHECKPOINT_DIR / "step-000006"
+    damaged.mkdir()
+    (damaged / "state.json").write_text('{"step": 6}')
+    (damaged / "model.safetensors").write_bytes(b"\x80truncated")
+    (tmp_path / ckpt.CHECKPOINT_DIR / ckpt.POINTER).write_text("step-000006")
+    found = ckpt.load_run_checkpoint(tmp_path)
+    assert found.path.name == "step-000003" and found.step == 3
+    leftovers = [p for p in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir() if p.name.startswith(".")]
     assert not leftovers
+
+
+def _as_legacy_file(run_dir, step: int) -> None:
+    """Rewrite a run's checkpoint folder as the single ``.pt`` file pretraining used to write (with the
+    scheduler state and the config names of that time), then remove the folder."""
+    found = ckpt.load_run_checkpoint(run_dir, step)
+    config = dict(found.state["config"])
+    for new, old in (("learning_rate", "lr"), ("grad_accum_steps", "grad_accum"), ("lr_schedule", "schedule")):
+        if new in config:
+            config[old] = config.pop(new)
+    legacy = {"step": step, "config": config, "model": found.tensors["model"], "optimizer": found.objects["optimizer"],
+              "scheduler": {"base_lrs": [3e-3], "last_epoch": step}, "data": found.state["data"],
+              "rng": found.objects["rng"], "history": found.state["history"], "machine": found.state["machine"]}
+    torch.save(legacy, str(run_dir / ckpt.CHECKPOINT_DIR / f"step-{step:08d}.pt"))
+    import shutil
+
+    shutil.rmtree(found.path)
+    (run_dir / ckpt.CHECKPOINT_DIR / ckpt.POINTER).unlink()
+
+
+def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, windows):
+    full = pretrain(config(tmp_path / "full"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
+    for name in ("old", "converted"):
+        pretrain(config(tmp_path / name), backbone=tiny_backbone(tokenizer), windows=windows, progress=False,
+                 stop_after=3)
+        _as_legacy_file(tmp_path / name, 3)
+    assert [p.name for p in ckpt.legacy_checkpoints(tmp_path / "old")] == ["step-00000003.pt"]
+
+    written = ckpt.convert_legacy_checkpoints(tmp_path / "converted", remove=True)
+    assert [p.name for p in written] == ["step-000003"] and not ckpt.legacy_checkpoints(tmp_path / "converted")
+    assert ckpt.CheckpointDir(tmp_path / "converted" / ckpt.CHECKPOINT_DIR).latest_name() == "step-000003"
+
+    a = trainable_state(full.compressor)
+    for name in ("old", "converted"):
+        resumed = pretrain(config(tmp_path / name), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
+        assert resumed.step == 6
+        b = trainable_state(resumed.compressor)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert [r["loss"] for r in full.history] == [r["loss"] for r in resumed.history]
 
 
 def test_sampler_state_and_shorten(windows):
@@ -195,7 +237,7 @@ def test_model_card_records_the_machine_the_run_trained_on(tmp_path, tokenizer, 
 
     pretrain(config(tmp_path / "run", steps=2, checkpoint_every=2), backbone=tiny_backbone(tokenizer),
              windows=windows, progress=False)
-    _, state = ckpt.latest_checkpoint(tmp_path / "run")
+    state = ckpt.load_run_checkpoint(tmp_path / "run").state
     assert state["machine"] == describe_machine("cpu") and "torch threads" in state["machine"]
     card_args = dict(base_model="tiny", config={**state["config"], "reader": True}, final_eval=None,
                      command="lloco-index pretrain", step=2, wall_hours=0.5)
@@ -263,7 +305,7 @@ def test_recursive_loss_reads_the_summaries(tokenizer, ac_windows):
 
 def test_autocompressor_training_learns_and_resumes(tmp_path, tokenizer, ac_windows):
     batch = ac_windows[:2]
-    result = pretrain(ac_config(tmp_path / "a", steps=8, checkpoint_every=0, schedule="constant"),
+    result = pretrain(ac_config(tmp_path / "a", steps=8, checkpoint_every=0, lr_schedule="constant"),
                       backbone=tiny_backbone(tokenizer), windows=batch, progress=False)
     losses = [r["loss_ac"] for r in result.history if "loss_ac" in r]
     assert len(losses) == 8 and sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1, losses
@@ -289,7 +331,7 @@ def test_autocompressor_export_merges_the_lora(tmp_path, tokenizer, ac_windows):
     from lloco_index.compressors.loading import load_compressor
     from lloco_index.training.pretrain import export_checkpoint
 
-    result = pretrain(ac_config(tmp_path / "run", steps=3, checkpoint_every=3, lr=3e-2),
+    result = pretrain(ac_config(tmp_path / "run", steps=3, checkpoint_every=3, learning_rate=3e-2),
                       backbone=tiny_backbone(tokenizer), windows=ac_windows, progress=False)
     exported = export_checkpoint(str(tmp_path / "run"), str(tmp_path / "out"), backbone=tiny_backbone(tokenizer))
     loaded = load_compressor(tmp_path / "out")
@@ -389,3 +431,32 @@ def test_pretrain_cli_device_reaches_the_config(tmp_path, monkeypatch):
         main(["pretrain", "--run-dir", str(tmp_path / "run"), "--text", str(tmp_path / "text.txt"), "--steps", "1",
               "--eval-every", "0", "--device", "meta"])
     assert seen == [torch.device("meta")]
+
+
+def test_one_config_vocabulary_reads_the_older_pretraining_names(tmp_path):
+    import argparse
+    import json
+
+    from lloco_index.finetune.config import FinetuneConfig
+    from lloco_index.training.cli import add_pretrain_arguments, config_from_args
+
+    old = {"run_dir": "r", "lr": 1e-3, "grad_accum": 4, "schedule": "linear", "retired_field": 1}
+    loaded = PretrainConfig.from_dict(old)
+    assert (loaded.learning_rate, loaded.grad_accum_steps, loaded.lr_schedule) == (1e-3, 4, "linear")
+    # A current name given next to an old one wins.
+    assert PretrainConfig.from_dict({**old, "learning_rate": 5e-4}).learning_rate == 5e-4
+    assert FinetuneConfig.from_dict({"lr": 1e-3, "grad_accum": 4}).examples_per_step == 4
+
+    # A --config file saved by an older run: its values hold unless a flag is given explicitly.
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    parser = argparse.ArgumentParser()
+    add_pretrain_arguments(parser)
+    args = parser.parse_args(["--config", str(tmp_path / "config.json"), "--lr", "2e-3"])
+    cfg = config_from_args(args)
+    assert (cfg.learning_rate, cfg.grad_accum_steps, cfg.lr_schedule) == (2e-3, 4, "linear")
+
+    # Finetuning kept its names, so the hash a saved run is resumed against is what it was.
+    assert FinetuneConfig().training_hash() == "08cea5087ecad53f"
+    assert FinetuneConfig(learning_rate=1e-4, grad_accum_steps=2, lr_schedule="linear").training_hash() == "caa63a7be01b2c31"
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        PretrainConfig(run_dir="r", lr_schedule="step").check()

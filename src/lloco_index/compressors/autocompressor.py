@@ -29,20 +29,19 @@ The checkpoint ships pickle ``.bin`` shards. They are read once with
 ``torch.load(weights_only=True)`` and converted into a safetensors compressor
 directory under :func:`lloco_index.defaults.cache_dir` (``autocompressors/``);
 later loads of the same checkpoint read only that copy.
+
+This module is the model. Its config lives in :mod:`.autocompressor_config`, the reading and
+conversion of the public checkpoints in :mod:`.autocompressor_convert`, and the writing of a
+decoder directory (``save_pretrained(decoder="copy")``, ``save_merged``) in :mod:`.decoder_dir`;
+their public names are importable from here as well.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -52,42 +51,25 @@ from .. import defaults
 from ..backbone import Backbone
 from ..errors import ModelNotFoundError, StoreMismatchError
 from ..precision import autocast
-from ..fileio import atomic_write_bytes, read_json
+from ..fileio import atomic_write_bytes
 from ..models import select_device, select_dtype
-from .base import BaseCompressor, CompressorConfig, atomic_save_safetensors, read_compressor_config, tensors_digest
+from .base import BaseCompressor, atomic_save_safetensors, read_compressor_config, tensors_digest
+from .autocompressor_config import (  # noqa: F401  (re-exported: the names a caller of this module knows)
+    DECODER_SUBDIR,
+    PAPER_CHECKPOINT,
+    PAPER_SEGMENT_LENGTH,
+    PAPER_SUMMARY_LENGTH,
+    SUMMARY_KEY,
+    AutoCompressorConfig,
+)
+from .autocompressor_convert import CheckpointSource, convert_checkpoint, inspect_checkpoint  # noqa: F401
+from .decoder_dir import merged_state_dict, write_decoder_dir  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-# Defaults of the LLoCO paper: 50 summary vectors per segment (the checkpoint's
-# summary_length) and segments of 1536 tokens (LLoCO's preproc_embs.py calls the
-# model with segment_lengths=1536; the checkpoint was trained on 6144 tokens in
-# 4 compression steps). config.json records no segment length.
-PAPER_SUMMARY_LENGTH = 50
-PAPER_SEGMENT_LENGTH = 1536
-PAPER_CHECKPOINT = "princeton-nlp/AutoCompressor-Llama-2-7b-6k"
-
-SUMMARY_KEY = "embed_summary.weight"  # the summary-token embeddings in the public checkpoints
 WRITER_PREFIX = "writer."  # a training-time writer LoRA's tensors in weights()
 READER_ADAPTER = "lloco_reader"  # same name as the ICAE reader, so SoftPromptReader(adapter="auto") finds it
-DECODER_SUBDIR = "decoder"
 CACHE_SUBDIR = "autocompressors"
-
-# config.json keys that belong to the AutoCompressor, not to the plain LLaMA decoder.
-_AC_CONFIG_KEYS = ("summary_length", "accumulate_summary", "segment_gradient_checkpointing", "segment_lengths",
-                   "fast_attention", "use_kv")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt")
-_SIGNATURE_CHUNK = 1 << 20
-
-
-@dataclass
-class AutoCompressorConfig(CompressorConfig):
-    mode: str = "autocompressor"
-    n_slots: int = PAPER_SUMMARY_LENGTH  # = summary_length
-    segment_length: int = PAPER_SEGMENT_LENGTH
-    accumulate: bool = True  # prepend the summaries of *all* previous segments (accumulate_summary)
-    # extra["decoder_dir"]: the decoder directory, relative to the compressor directory or absolute
-    # (default "decoder"). In `extra` because where the weights lie does not change the vectors.
 
 
 @dataclass
@@ -447,351 +429,3 @@ class AutoCompressor(BaseCompressor):
             compressor.config.segment_length = int(segment_length)
             compressor.invalidate_fingerprint()
         return compressor
-
-
-# ============================================================ checkpoint files
-@dataclass
-class CheckpointSource:
-    """What :func:`inspect_checkpoint` found in a public AutoCompressor checkpoint directory."""
-
-    directory: Path
-    config: dict[str, Any]
-    weight_files: list[Path]  # in shard order
-    index_file: Optional[Path]  # *.index.json when sharded
-    kind: str  # "bin" or "safetensors"
-    tokenizer_dir: Path
-    name: str  # e.g. "AutoCompressor-Llama-2-7b-6k"
-    signature: str  # sha256 over config, index, tokenizer and the weight files' sizes, heads and tails
-
-    @property
-    def identity(self) -> str:
-        return f"autocompressor:{self.name}:{self.signature[:12]}"
-
-
-def _download_hint(directory: Path, filename: str = "") -> str:
-    target = f" {filename}" if filename else ""
-    return (f"`hf download {PAPER_CHECKPOINT}{target} --local-dir {directory}` (or `huggingface-cli download ...` with "
-            f"older huggingface_hub), or copy it again from where you got the checkpoint")
-
-
-def inspect_checkpoint(directory: Union[str, Path], *, tokenizer: Optional[Union[str, Path]] = None) -> CheckpointSource:
-    """Validate the layout of a public AutoCompressor-LLaMA checkpoint without reading its weights."""
-    directory = Path(directory).expanduser().resolve()
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ModelNotFoundError(
-            f"No AutoCompressor checkpoint at '{directory}' (config.json missing). Download it to a local directory, "
-            f"e.g. {_download_hint(directory)}, and pass that directory."
-        )
-    config = read_json(config_path, lambda exc: ModelNotFoundError(
-        f"{config_path} is not valid JSON ({exc}); restore it: {_download_hint(directory, 'config.json')}."))
-    if not isinstance(config.get("summary_length"), int) or config["summary_length"] <= 0:
-        raise ModelNotFoundError(
-            f"'{directory}' is not an AutoCompressor checkpoint: config.json has no positive 'summary_length'. For a plain "
-            f"LLaMA model use Backbone.load(dir) with ICAECompressor or TokenEmbeddingCompressor."
-        )
-    if config.get("model_type") != "llama":
-        raise ModelNotFoundError(
-            f"'{directory}' is an AutoCompressor of model_type {config.get('model_type')!r}; only the LLaMA variant "
-            f"(architectures LlamaAutoCompressorModel, e.g. {PAPER_CHECKPOINT}) is supported."
-        )
-    weight_files, index_file, kind = _find_weight_files(directory)
-    tok_dir = Path(tokenizer).expanduser().resolve() if tokenizer is not None else directory
-    if not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        raise ModelNotFoundError(
-            f"No tokenizer files (tokenizer.json / tokenizer.model) in '{tok_dir}'. Download them with the checkpoint "
-            f"({_download_hint(directory)}) or pass tokenizer=<a LLaMA-2 model directory> (LLoCO uses the tokenizer "
-            f"of meta-llama/Llama-2-7b-chat-hf)."
-        )
-    h = hashlib.sha256()
-    h.update(config_path.read_bytes())
-    if index_file is not None:
-        h.update(index_file.read_bytes())
-    for name in _TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            h.update(name.encode())
-            h.update((tok_dir / name).read_bytes())
-    for path in weight_files:
-        h.update(_file_signature(path))
-    name = Path(str(config.get("_name_or_path") or directory.name)).name or directory.name
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
-    return CheckpointSource(directory, config, weight_files, index_file, kind, tok_dir, name, h.hexdigest())
-
-
-def _file_signature(path: Path) -> bytes:
-    """Name, size, first and last MiB: cheap, and changes when a shard is replaced or truncated."""
-    size = path.stat().st_size
-    h = hashlib.sha256(f"{path.name}:{size}".encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_SIGNATURE_CHUNK))
-        if size > 2 * _SIGNATURE_CHUNK:
-            f.seek(-_SIGNATURE_CHUNK, os.SEEK_END)
-            h.update(f.read())
-    return h.digest()
-
-
-def _find_weight_files(directory: Path) -> tuple[list[Path], Optional[Path], str]:
-    for kind, index_name, single in (("safetensors", "model.safetensors.index.json", "model.safetensors"),
-                                     ("bin", "pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index_path = directory / index_name
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-                shards = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-                raise ModelNotFoundError(
-                    f"{index_path} is corrupt ({exc!r}); restore it: {_download_hint(directory, index_name)}."
-                ) from exc
-            missing = [s for s in shards if not (directory / s).is_file()]
-            if missing:
-                raise ModelNotFoundError(
-                    f"Checkpoint shard(s) {missing} listed in {index_path} are missing from '{directory}'. Download "
-                    f"them: {_download_hint(directory, missing[0])}."
-                )
-            return [directory / s for s in shards], index_path, kind
-        if (directory / single).is_file():
-            return [directory / single], None, kind
-    raise ModelNotFoundError(
-        f"No weights in '{directory}': expected pytorch_model.bin.index.json with pytorch_model-*.bin shards (the "
-        f"published layout), pytorch_model.bin, or model.safetensors[.index.json]. Download them: {_download_hint(directory)}."
-    )
-
-
-def _read_shard(path: Path, kind: str) -> dict[str, torch.Tensor]:
-    """Read one weight shard; pickle only through ``torch.load(weights_only=True)``."""
-    fix = (f"Re-download this file ({_download_hint(path.parent, path.name)}) and compare its size and sha256 with "
-           f"the Hugging Face Hub listing.")
-    try:
-        if kind == "safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            try:  # mmap: a 10 GB shard is not copied into memory
-                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                state = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except Exception as exc:
-        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        if "Weights only load failed" in str(exc):
-            # Do not relay torch's advice to retry with weights_only=False: that would run arbitrary code.
-            raise ModelNotFoundError(
-                f"Checkpoint file {path} holds Python objects other than tensors, which lloco-index never unpickles "
-                f"(torch.load(weights_only=True) only). The published shards hold tensors only, so this file is "
-                f"damaged or not one of them. {fix}"
-            ) from exc
-        raise ModelNotFoundError(
-            f"Checkpoint file {path} could not be read: it is truncated or corrupt ({type(exc).__name__}: {detail}). {fix}"
-        ) from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelNotFoundError(f"Checkpoint file {path} does not hold a name -> tensor mapping. {fix}")
-    return state
-
-
-def _shard_name(i: int, n: int) -> str:
-    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share storage: give repeats their own copy."""
-    seen: set[tuple[int, int]] = set()
-    out = {}
-    for key, value in tensors.items():
-        value = value.detach()
-        ptr = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
-        out[key] = value.clone().contiguous() if ptr in seen and value.numel() else value.contiguous()
-        seen.add(ptr)
-    return out
-
-
-def _expected_decoder_keys(llama_config: dict) -> set[str]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.device("meta"):  # no memory: only the parameter names
-        model = LlamaForCausalLM(LlamaConfig(**llama_config))
-    keys = set(model.state_dict())
-    if model.config.tie_word_embeddings:
-        keys.discard("lm_head.weight")
-    return keys
-
-
-def _decoder_config(config: dict, identity: str, source: Optional[Path]) -> dict:
-    plain = {k: v for k, v in config.items() if k not in _AC_CONFIG_KEYS}
-    plain["architectures"] = ["LlamaForCausalLM"]  # the decoder half is a standard LLaMA
-    plain["lloco_identity"] = identity  # models.resolve_decoder_path reads this
-    plain["lloco_autocompressor"] = {k: config[k] for k in _AC_CONFIG_KEYS if k in config}
-    if source is not None:
-        plain["lloco_autocompressor"]["source"] = str(source)
-    return plain
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a fully written temporary directory into place (rename is atomic on one filesystem)."""
-    if target.exists():
-        trash = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, trash)
-        os.replace(tmp, target)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def convert_checkpoint(source: CheckpointSource, target: Union[str, Path]) -> Path:
-    """Convert a public checkpoint into a safetensors compressor directory at ``target``.
-
-    One source shard at a time (memory stays at about one shard); everything is written
-    into a temporary directory that is renamed into place at the end, so an interrupted
-    conversion leaves no half-written copy behind.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    config = source.config
-    logger.info("Converting AutoCompressor checkpoint %s to safetensors at %s (one-off)", source.directory, target)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        decoder = tmp / DECODER_SUBDIR
-        decoder.mkdir()
-        weight_map: dict[str, str] = {}
-        summary: Optional[torch.Tensor] = None
-        total = 0
-        n = len(source.weight_files)
-        for i, path in enumerate(source.weight_files):
-            state = _read_shard(path, source.kind)
-            if SUMMARY_KEY in state:
-                summary = state.pop(SUMMARY_KEY).detach().clone()
-            # Rotary inverse frequencies are recomputed from the config; older exports saved them.
-            state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-            name = _shard_name(i, n)
-            atomic_save_safetensors(_unshare(state), decoder / name, metadata={"format": "pt"})
-            for key, value in state.items():
-                weight_map[key] = name
-                total += value.numel() * value.element_size()
-            del state
-        if summary is None:
-            raise ModelNotFoundError(
-                f"'{source.directory}' has no '{SUMMARY_KEY}' tensor (the summary-token embeddings) in "
-                f"{[p.name for p in source.weight_files]}: it is not a complete AutoCompressor checkpoint. "
-                f"{_download_hint(source.directory)}."
-            )
-        expected_shape = (config["summary_length"], config.get("hidden_size"))
-        if tuple(summary.shape) != expected_shape:
-            raise ModelNotFoundError(
-                f"'{SUMMARY_KEY}' has shape {tuple(summary.shape)} but config.json says summary_length x hidden_size = "
-                f"{expected_shape}; config.json and the weights do not belong together."
-            )
-        llama_config = _decoder_config(config, source.identity, source.directory)
-        missing = sorted(_expected_decoder_keys(llama_config) - set(weight_map))
-        if missing:
-            raise ModelNotFoundError(
-                f"The checkpoint at '{source.directory}' lacks {len(missing)} LLaMA weights (e.g. {missing[:3]}); a shard "
-                f"or the index is incomplete. {_download_hint(source.directory)}."
-            )
-        if n > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            atomic_write_bytes(decoder / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
-        atomic_write_bytes(decoder / "config.json", json.dumps(llama_config, indent=2, sort_keys=True).encode())
-        for name in _TOKENIZER_FILES:
-            if (source.tokenizer_dir / name).is_file():
-                shutil.copyfile(source.tokenizer_dir / name, decoder / name)
-        if (source.directory / "generation_config.json").is_file():
-            shutil.copyfile(source.directory / "generation_config.json", decoder / "generation_config.json")
-        atomic_save_safetensors({SUMMARY_KEY: summary}, tmp / defaults.COMPRESSOR_WEIGHTS_NAME, metadata={"format": "pt"})
-        segment_lengths = config.get("segment_lengths")
-        if isinstance(segment_lengths, list) and segment_lengths:
-            segment_lengths = segment_lengths[0]
-        compressor_config = AutoCompressorConfig(
-            base_model=source.identity,
-            n_slots=int(config["summary_length"]),
-            segment_length=int(segment_lengths) if isinstance(segment_lengths, int) and segment_lengths > 0 else PAPER_SEGMENT_LENGTH,
-            accumulate=bool(config.get("accumulate_summary", True)),
-            storage_dtype="bfloat16",
-            extra={"source": str(source.directory), "source_signature": source.signature, "decoder_dir": DECODER_SUBDIR},
-        )
-        atomic_write_bytes(tmp / defaults.COMPRESSOR_CONFIG_NAME, compressor_config.to_json().encode())
-        if (target / defaults.COMPRESSOR_CONFIG_NAME).is_file():
-            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
-        else:
-            _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-# ================================================================ decoder I/O
-def _base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The plain LLaMA weights, without any LoRA that peft injected into the modules."""
-    state = {}
-    for key, value in model.state_dict().items():
-        if "lora_" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = value
-    if getattr(model.config, "tie_word_embeddings", False):
-        state.pop("lm_head.weight", None)
-    return state
-
-
-@torch.no_grad()
-def merged_state_dict(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
-    """The plain LLaMA weights with LoRA ``adapter`` added in (W + scale * B @ A); ``model`` is not changed.
-
-    Used to export an AutoCompressor trained as decoder + LoRA in the public checkpoints' layout.
-    """
-    from peft.tuners.lora import LoraLayer
-
-    state = {k: v.detach().clone() for k, v in _base_state_dict(model).items()}
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer) and adapter in module.lora_A:
-            key = f"{name}.weight"
-            # Kept in float32: rounding W + dW back to bf16 would lose most of a small dW.
-            state[key] = state[key].float() + module.get_delta_weight(adapter).float()
-    return state
-
-
-def write_decoder_dir(backbone: Backbone, target: Union[str, Path], *, max_shard_bytes: int = 4 << 30,
-                      state: Optional[dict[str, torch.Tensor]] = None, identity: Optional[str] = None) -> Path:
-    """Save a backbone's LLaMA as a safetensors Hugging Face directory that keeps its identity.
-
-    ``state`` replaces the weights written (e.g. :func:`merged_state_dict`); such a decoder is another
-    model and must get its own ``identity``.
-    """
-    if state is not None and identity is None:
-        raise ValueError("write_decoder_dir(state=...) writes other weights than the backbone's: pass their identity.")
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        state = state if state is not None else _base_state_dict(backbone.base_model)
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for key, value in state.items():
-            nbytes = value.numel() * value.element_size()
-            if shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][key] = value
-            size += nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = _shard_name(i, len(shards))
-            atomic_save_safetensors(_unshare(shard), tmp / name, metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        if len(shards) > 1:
-            total = sum(v.numel() * v.element_size() for v in state.values())
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            atomic_write_bytes(tmp / "model.safetensors.index.json", json.dumps(index, indent=2).encode())
-        config = backbone.config.to_dict()
-        config["architectures"] = ["LlamaForCausalLM"]
-        config["lloco_identity"] = identity or backbone.identity
-        atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2, sort_keys=True, default=str).encode())
-        backbone.tokenizer.save_pretrained(str(tmp))
-        generation_config = getattr(backbone.base_model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(str(tmp))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target

@@ -7,7 +7,7 @@ The LlamaIndex entry point is :class:`lloco_index.llamaindex.LLoCOFinetuneEngine
 ``lloco-index finetune PERSIST_DIR DATA``.
 """
 
-from .checkpoint import CheckpointDir
+from ..training.checkpoint import CheckpointDir
 from .config import FinetuneConfig
 from .data import (
     QAExample,

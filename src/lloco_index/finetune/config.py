@@ -68,8 +68,9 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.lr_schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine', 'linear' or 'constant', got {self.lr_schedule!r}")
+        from ..training.schedule import check_schedule
+
+        check_schedule(self.lr_schedule)
         for name in ("epochs", "micro_batch_size", "grad_accum_steps", "lora_r", "max_target_tokens", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -88,7 +89,9 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "FinetuneConfig":
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        from ..training.vocabulary import upgrade_names
+
+        known = {k: v for k, v in upgrade_names(data).items() if k in cls.__dataclass_fields__}
         if "bf16" in data and "dtype" not in data:  # configs written before the precision policy
             known["dtype"] = "auto" if data["bf16"] else "float32"
         return cls(**known)

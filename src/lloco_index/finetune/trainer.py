@@ -25,20 +25,20 @@ import logging
 import math
 import os
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adapters import write_adapter_metadata
 from ..fileio import atomic_write_bytes
 from ..errors import ContextBudgetError, LLoCOError
 from ..generation import SoftPromptReader
 from ..precision import autocast
-from .checkpoint import CheckpointDir
+from ..training.checkpoint import CheckpointDir, rng_state, set_rng_state
+from ..training.loop import AfterStep, StepStats, TrainLoop
+from ..training.schedule import lr_multiplier
 from .config import FinetuneConfig
 from .data import Message, TrainExample, examples_hash
 
@@ -154,6 +154,10 @@ class LoRAFinetuner:
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.config.epochs
+
+    @property
+    def warmup_steps(self) -> int:
+        return math.ceil(self.config.warmup_ratio * self.total_steps)
 
     @property
     def eval_every(self) -> int:
@@ -284,15 +288,8 @@ class LoRAFinetuner:
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based): linear warmup, then the configured decay."""
         cfg, total = self.config, self.total_steps
-        warmup = math.ceil(cfg.warmup_ratio * total)
-        if step < warmup:
-            return cfg.learning_rate * (step + 1) / warmup
-        if cfg.lr_schedule == "constant":
-            return cfg.learning_rate
-        progress = (step - warmup) / max(1, total - warmup)
-        if cfg.lr_schedule == "linear":
-            return cfg.learning_rate * (1.0 - progress)
-        return cfg.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return cfg.learning_rate * lr_multiplier(step, total_steps=total, warmup_steps=self.warmup_steps,
+                                                 schedule=cfg.lr_schedule)
 
     def epoch_order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
@@ -306,11 +303,8 @@ class LoRAFinetuner:
                 "adapter_name": self.adapter_name}
 
     def _save_checkpoint(self, state: dict[str, Any], optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor]) -> None:
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         self.checkpoints.save(state["step"], tensors={"adapter": self.adapter_state(), "best_adapter": best},
-                              objects={"optimizer": optimizer.state_dict(), "rng": rng}, state=state)
+                              objects={"optimizer": optimizer.state_dict(), "rng": rng_state()}, state=state)
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         for key, mine in (("data_hash", self.data_hash), ("config_hash", self.config.training_hash()),
@@ -333,6 +327,10 @@ class LoRAFinetuner:
         self._setup_adapter()
         cfg = self.config
         optimizer = torch.optim.AdamW(self._params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        loop = TrainLoop(optimizer, total_steps=self.total_steps, warmup_steps=self.warmup_steps,
+                         lr_schedule=cfg.lr_schedule, max_grad_norm=cfg.max_grad_norm,
+                         checkpoint_every=cfg.checkpoint_every, desc=f"finetune {self.adapter_name}",
+                         progress=self.progress)
         checkpoint = self.checkpoints.load_latest()
         if checkpoint is not None:
             state = checkpoint.state
@@ -340,9 +338,7 @@ class LoRAFinetuner:
             self.backbone.set_adapter_state_dict(self.adapter_name, checkpoint.tensors["adapter"])
             best = checkpoint.tensors["best_adapter"]
             optimizer.load_state_dict(checkpoint.objects["optimizer"])
-            torch.set_rng_state(checkpoint.objects["rng"]["cpu"])
-            if "cuda" in checkpoint.objects["rng"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(checkpoint.objects["rng"]["cuda"])
+            set_rng_state(checkpoint.objects["rng"])
             logger.info("Resuming %s at step %d/%d", self.adapter_name, state["step"], self.total_steps)
         else:
             state = self._fresh_state()
@@ -351,7 +347,7 @@ class LoRAFinetuner:
                 state["initial_val_loss"] = state["best_val_loss"] = self.evaluate_loss()
                 state["history"].append({"step": 0, "val_loss": state["initial_val_loss"]})
         if not state["finished"]:
-            best = self._train_loop(state, optimizer, best, stop_after_steps)
+            best = self._train_loop(state, loop, best, stop_after_steps)
         if state["finished"]:
             self.backbone.set_adapter_state_dict(self.adapter_name, best)
             self._publish(state)
@@ -359,59 +355,50 @@ class LoRAFinetuner:
             p.requires_grad_(False)
         return self._result(state)
 
-    def _train_loop(self, state: dict[str, Any], optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor],
+    def _train_loop(self, state: dict[str, Any], loop: TrainLoop, best: dict[str, torch.Tensor],
                     stop_after_steps: Optional[int]) -> dict[str, torch.Tensor]:
         cfg = self.config
         per_step, steps_per_epoch = cfg.examples_per_step, self.steps_per_epoch
-        bar = tqdm(total=self.total_steps, initial=state["step"], desc=f"finetune {self.adapter_name}", unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
-        done_here = 0
+        kept = {"best": best}
+
+        def train_step(step: int) -> dict[str, Any]:
+            """The gradients of optimizer step ``step``: its examples' answer-token loss, token-weighted."""
+            epoch, k = divmod(step, steps_per_epoch)
+            order = self.epoch_order(epoch)
+            group = [self.train_examples[i] for i in order[k * per_step : (k + 1) * per_step]]
+            n_tokens = sum(len(self._targets[e.id]) for e in group)
+            step_loss, positions = 0.0, 0
+            for i in range(0, len(group), cfg.micro_batch_size):
+                loss, _, pos = self._loss_sum(group[i : i + cfg.micro_batch_size], self.adapter_name)
+                # Token-weighted mean over the whole accumulated group, so accumulation = one big batch.
+                (loss / n_tokens).backward()
+                step_loss += float(loss.detach())
+                positions += pos
+            return {"epoch": epoch, "loss": step_loss / n_tokens, "positions": positions, "answer_tokens": n_tokens}
+
+        def after_step(done: int, out: dict[str, Any], stats: StepStats) -> AfterStep:
+            state["train_seconds"] += stats.seconds
+            state["positions"] += out["positions"]
+            state["answer_tokens"] += out["answer_tokens"]
+            state["step"] = done
+            record: dict[str, Any] = {"step": done, "epoch": out["epoch"], "lr": stats.lrs[0], "train_loss": out["loss"]}
+            evaluated = self._maybe_validate(state, record)
+            if evaluated and state["best_step"] == done:
+                kept["best"] = self.adapter_state()
+            state["history"].append(record)
+            if done >= self.total_steps or state["stopped_early"]:
+                state["finished"] = True
+                if not self.val_examples:  # nothing to select on: the last adapter is the result
+                    kept["best"], state["best_step"] = self.adapter_state(), done
+            val = state["best_val_loss"]
+            return AfterStep(postfix=dict(loss=f"{out['loss']:.3f}", val=f"{val:.3f}" if val is not None else "-"),
+                             checkpoint=evaluated, finished=state["finished"])
+
+        end = self.total_steps if stop_after_steps is None else min(self.total_steps, state["step"] + stop_after_steps)
         with self._training_mode():
-            while state["step"] < self.total_steps:
-                step = state["step"]
-                epoch, k = divmod(step, steps_per_epoch)
-                order = self.epoch_order(epoch)
-                group = [self.train_examples[i] for i in order[k * per_step : (k + 1) * per_step]]
-                n_tokens = sum(len(self._targets[e.id]) for e in group)
-                lr = self.lr_at(step)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                start = time.perf_counter()
-                step_loss, positions = 0.0, 0
-                for i in range(0, len(group), cfg.micro_batch_size):
-                    loss, _, pos = self._loss_sum(group[i : i + cfg.micro_batch_size], self.adapter_name)
-                    # Token-weighted mean over the whole accumulated group, so accumulation = one big batch.
-                    (loss / n_tokens).backward()
-                    step_loss += float(loss.detach())
-                    positions += pos
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(self._params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["train_seconds"] += time.perf_counter() - start
-                state["positions"] += positions
-                state["answer_tokens"] += n_tokens
-                state["step"] = step + 1
-                record: dict[str, Any] = {"step": state["step"], "epoch": epoch, "lr": lr, "train_loss": step_loss / n_tokens}
-                evaluated = self._maybe_validate(state, record)
-                if evaluated and state["best_step"] == state["step"]:
-                    best = self.adapter_state()
-                state["history"].append(record)
-                if state["step"] >= self.total_steps or state["stopped_early"]:
-                    state["finished"] = True
-                    if not self.val_examples:  # nothing to select on: the last adapter is the result
-                        best, state["best_step"] = self.adapter_state(), state["step"]
-                done_here += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}",
-                                val=f"{state['best_val_loss']:.3f}" if state["best_val_loss"] is not None else "-")
-                stop_now = stop_after_steps is not None and done_here >= stop_after_steps
-                if state["finished"] or evaluated or stop_now or state["step"] % cfg.checkpoint_every == 0:
-                    self._save_checkpoint(state, optimizer, best)
-                if state["finished"] or stop_now:
-                    break
-        bar.close()
-        return best
+            loop.run(state["step"], end, train_step, after_step,
+                     save=lambda _done: self._save_checkpoint(state, loop.optimizer, kept["best"]))
+        return kept["best"]
 
     def _maybe_validate(self, state: dict[str, Any], record: dict[str, Any]) -> bool:
         last = state["step"] >= self.total_steps

@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import defaults
 from ..chunking import chunk_text
-from ..fileio import atomic_write_bytes
+from ..fileio import atomic_write_bytes, read_json
 from ..errors import CorruptStoreError, EmptyDocumentError, StoreMismatchError
 from ..selection import Candidate, SelectionConfig, select
 from ..store import SoftPromptStore
@@ -143,13 +143,9 @@ class ChunkIndex:
                 f"No LangChain chunk index in '{persist_dir}' ({SUBDIR}/{CHUNKS_FILE} missing). Build it with "
                 f"LLoCOLangChainRetriever.from_texts(..., persist_dir='{persist_dir}')."
             )
-        try:
-            meta = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CorruptStoreError(
-                f"{path} is corrupt ({exc}). The soft prompts in {defaults.STORE_SUBDIR}/ are intact: rebuild the chunk "
-                f"index with from_texts(..., persist_dir=...) (already-compressed chunks are not recomputed)."
-            ) from exc
+        meta = read_json(path, lambda exc: CorruptStoreError(
+            f"{path} is corrupt ({exc}). The soft prompts in {defaults.STORE_SUBDIR}/ are intact: rebuild the chunk "
+            f"index with from_texts(..., persist_dir=...) (already-compressed chunks are not recomputed)."))
         if meta.get("format") != FORMAT_VERSION:
             raise CorruptStoreError(f"{path}: chunk index format {meta.get('format')} is not supported (expected {FORMAT_VERSION}).")
         store = SoftPromptStore.open(persist_dir, compressor)

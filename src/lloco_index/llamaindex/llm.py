@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -26,10 +26,24 @@ from ..generation import AUTO, GenerationResult, SoftPromptReader
 from ..placeholders import RESOLVE_RETRIEVED, check_handed_out, check_resolve_choice, find_ids, hand_out
 from ..store import SoftPromptStore
 
+R = TypeVar("R")
+
 
 def _role(role: MessageRole) -> str:
     value = role.value if hasattr(role, "value") else str(role)
     return value if value in ("system", "user", "assistant") else "user"
+
+
+def _responses(stream: Iterator[str], make: Callable[[str, str], R]) -> Iterator[R]:
+    """``make(text so far, delta)`` for each streamed piece of an answer; one empty response for an empty
+    answer, because LlamaIndex's callbacks need at least one."""
+    text, yielded = "", False
+    for delta in stream:
+        text += delta
+        yielded = True
+        yield make(text, delta)
+    if not yielded:
+        yield make("", "")
 
 
 class _HandOutRetrievedIds(BaseEventHandler):
@@ -196,17 +210,7 @@ class LLoCOLLM(CustomLLM):
     @llm_completion_callback()
     def stream_complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponseGen:
         stream = self.reader.stream(self._prompt(prompt), **self._call_kwargs(kwargs))
-
-        def gen() -> CompletionResponseGen:
-            text, yielded = "", False
-            for delta in stream:
-                text += delta
-                yielded = True
-                yield CompletionResponse(text=text, delta=delta)
-            if not yielded:  # LlamaIndex's callbacks need at least one response, even for an empty answer
-                yield CompletionResponse(text="", delta="")
-
-        return gen()
+        return _responses(stream, lambda text, delta: CompletionResponse(text=text, delta=delta))
 
     @llm_chat_callback()
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
@@ -217,17 +221,8 @@ class LLoCOLLM(CustomLLM):
     @llm_chat_callback()
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         stream = self.reader.stream(self._messages(messages), **self._call_kwargs(kwargs))
-
-        def gen() -> ChatResponseGen:
-            text, yielded = "", False
-            for delta in stream:
-                text += delta
-                yielded = True
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta)
-            if not yielded:
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=""), delta="")
-
-        return gen()
+        return _responses(stream, lambda text, delta: ChatResponse(
+            message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=delta))
 
 
     # ------------------------------------------------------ async (batched)

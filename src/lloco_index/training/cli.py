@@ -76,12 +76,12 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="forward passes per optimizer step")
-    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate of the LoRA adapters")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum_steps, help="forward passes per optimizer step")
+    g.add_argument("--lr", type=float, default=d.learning_rate, help="peak learning rate of the LoRA adapters")
     g.add_argument("--reader-lr", type=float, default=None, help="learning rate of the reader LoRA (default: --lr)")
     g.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the projection and memory tokens")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
-    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.schedule, help="learning-rate decay after warmup")
+    g.add_argument("--schedule", choices=["cosine", "linear", "constant"], default=d.lr_schedule, help="learning-rate decay after warmup")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower steps")
     g.add_argument("--segment-curriculum", type=_curriculum, default=[], help='"step:len,...", e.g. "0:64,100:128"')
     g.add_argument("--slots-curriculum", type=_curriculum, default=[], help='"step:n_slots,...", e.g. "0:64,200:32"')
@@ -110,6 +110,7 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from .pretrain import PretrainConfig
+    from .vocabulary import upgrade_names
 
     base = json.loads(open(args.config).read()) if getattr(args, "config", None) else {}
     mapping = dict(
@@ -121,16 +122,17 @@ def config_from_args(args: argparse.Namespace):
         continuation_length=args.continuation_length, qa_file=args.qa_file, distill_file=args.distill_file,
         teacher=args.teacher, distill_kl=args.distill_kl, distill_ce=args.distill_ce, distill_hidden=args.distill_hidden,
         freeze_encoder_steps=args.freeze_encoder_steps, steps=args.steps,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, reader_lr=args.reader_lr,
-        head_lr=args.head_lr, warmup_steps=args.warmup_steps, schedule=args.schedule,
+        batch_size=args.batch_size, grad_accum_steps=args.grad_accum, learning_rate=args.lr, reader_lr=args.reader_lr,
+        head_lr=args.head_lr, warmup_steps=args.warmup_steps, lr_schedule=args.schedule,
         gradient_checkpointing=args.gradient_checkpointing, segment_curriculum=args.segment_curriculum,
         slots_curriculum=args.slots_curriculum, seed=args.seed, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, eval_windows=args.eval_windows, eval_segment_length=args.eval_segment_length,
     )
     names = {f.name for f in fields(PretrainConfig)}
-    base = {k: v for k, v in base.items() if k in names}
+    base = {k: v for k, v in upgrade_names(base).items() if k in names}
     defaults_seen = getattr(args, "_pretrain_defaults", {})
-    flag_of = {"reader": "frozen_decoder", "sources": "sources"}
+    flag_of = {"reader": "frozen_decoder", "sources": "sources", "grad_accum_steps": "grad_accum", "learning_rate": "lr",
+               "lr_schedule": "schedule"}
     for key, value in mapping.items():
         flag = flag_of.get(key, key)
         explicit = flag in defaults_seen and getattr(args, flag) != defaults_seen[flag]
@@ -175,14 +177,10 @@ def _export(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise SystemExit("--export needs --out DIR")
-    if args.export_step is not None:
-        state = ckpt.load_checkpoint(ckpt.checkpoint_path(args.export, args.export_step))
-    else:
-        found = ckpt.latest_checkpoint(args.export)
-        if found is None:
-            raise SystemExit(f"No loadable checkpoint in {args.export}")
-        _, state = found
-    step = int(state["step"])
+    found = ckpt.load_run_checkpoint(args.export, args.export_step)
+    if found is None:
+        raise SystemExit(f"No loadable checkpoint in {args.export}")
+    state, step = found.state, found.step
     compressor = export_checkpoint(args.export, args.out, step=step)
     print(f"exported step {step} ({compressor.fingerprint}) to {args.out}")
     backbone = compressor.backbone

@@ -15,6 +15,8 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .vocabulary import upgrade_names
+
 DATA_LICENCES = {
     "squad": "SQuAD v1.1 dev articles 1-30 (Wikipedia), CC BY-SA 4.0",
     "quality": "QuALITY train (L-Eval repackaging; Gutenberg/Slate articles), CC BY 4.0",
@@ -106,6 +108,7 @@ def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dic
                      wall_hours: Optional[float] = None, extra_notes: str = "",
                      machine: Optional[str] = None) -> Path:
     """``machine``: what the run trained on (:func:`describe_machine`, recorded in its checkpoints)."""
+    config = upgrade_names(config)  # a run saved under the older names
     history = [r for r in eval_history(run_dir) if r["step"] <= step]
     lines = [
         f"# {Path(out_dir).name}",
@@ -120,9 +123,10 @@ def write_model_card(out_dir: str, run_dir: str, *, base_model: str, config: dic
            else f"projection init `{config['init_projection']}`")
         + ", objectives (sampling shares) "
         f"`{config['objectives']}`, continuation {config['continuation_length']} tokens",
-        f"- AdamW, lr {config['lr']} (encoder LoRA), {config.get('reader_lr') or config['lr']} (reader), "
-        f"{config['head_lr']} (projection), {config['schedule']} schedule over {config['steps']} steps, warmup "
-        f"{config['warmup_steps']}, batch {config['batch_size']} x accumulation {config['grad_accum']}, bf16 autocast",
+        f"- AdamW, lr {config['learning_rate']} (encoder LoRA), {config.get('reader_lr') or config['learning_rate']} "
+        f"(reader), {config['head_lr']} (projection), {config['lr_schedule']} schedule over {config['steps']} steps, "
+        f"warmup {config['warmup_steps']}, batch {config['batch_size']} x accumulation {config['grad_accum_steps']}, "
+        "bf16 autocast",
         f"- segment-length curriculum {config.get('segment_curriculum') or 'none'}",
         f"- steps trained: **{step}**" + (f", wall time {wall_hours:.2f} h on {machine or 'a machine the run did not record'}"
                                         if wall_hours else ""),

@@ -16,7 +16,6 @@ tokens/s and ETA. Metrics go to ``<run_dir>/metrics.jsonl``.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,9 @@ from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
 from .query_data import load_query_examples
 from .query_loss import DistillWeights, chunk_segments, distill_loss
 from .recursive import recursive_lm_loss, split_segments
+from .loop import AfterStep, StepStats, TrainLoop
+from .schedule import check_schedule
+from .vocabulary import upgrade_names
 
 
 @dataclass
@@ -101,13 +103,13 @@ class PretrainConfig:
     # --- optimisation
     steps: int = 1000
     batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 3e-4  # encoder LoRA
-    reader_lr: Optional[float] = None  # default: lr
+    grad_accum_steps: int = 1
+    learning_rate: float = 3e-4  # encoder LoRA
+    reader_lr: Optional[float] = None  # default: learning_rate
     head_lr: float = 3e-3  # projection (+ memory tokens): new parameters learn faster
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    schedule: str = "cosine"  # "cosine" | "linear" | "constant"
+    lr_schedule: str = "cosine"  # "cosine" | "linear" | "constant"
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
@@ -130,9 +132,16 @@ class PretrainConfig:
     def ratio(self) -> float:
         return self.segment_length / self.n_slots
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PretrainConfig":
+        """A saved config (``config.json``, a checkpoint's): older field names are read as today's, unknown ones
+        dropped."""
+        known = {k: v for k, v in upgrade_names(data).items() if k in cls.__dataclass_fields__}
+        return cls(**known)
 
     def check(self) -> None:
         """Refuse combinations that cannot train, before any model is loaded."""
+        check_schedule(self.lr_schedule)
         if self.method not in ("icae", "autocompressor"):
             raise ValueError(f"method must be 'icae' or 'autocompressor', got {self.method!r}.")
         uses_ac = self.objectives.get("ac", 0) > 0
@@ -184,21 +193,6 @@ def curriculum_value(schedule: list[list[int]], step: int, default: int) -> int:
         if step >= start:
             value = v
     return value
-
-
-def lr_lambda(config: PretrainConfig):
-    """Multiplier on each group's base learning rate: linear warmup, then cosine/linear decay to min_lr_ratio."""
-
-    def f(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / max(1, config.warmup_steps)
-        if config.schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
-        decay = 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else 1 - progress
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * decay
-
-    return f
 
 
 # ------------------------------------------------------------------ building
@@ -321,10 +315,10 @@ def make_optimizer(config: PretrainConfig, compressor: ICAECompressor | AutoComp
     named = [(n, p) for n, p in backbone.peft_model.named_parameters() if p.requires_grad]
     enc = [p for n, p in named if enc_key and enc_key in n]
     rdr = [p for n, p in named if rdr_key in n]
-    groups = [{"params": enc, "lr": config.lr, "name": "encoder"}] if enc else []
+    groups = [{"params": enc, "lr": config.learning_rate, "name": "encoder"}] if enc else []
     groups.append({"params": head, "lr": config.head_lr, "name": "head"})
     if rdr:
-        groups.append({"params": rdr, "lr": config.reader_lr or config.lr, "name": "reader"})
+        groups.append({"params": rdr, "lr": config.reader_lr or config.learning_rate, "name": "reader"})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay, betas=(0.9, 0.99))
 
 
@@ -383,7 +377,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     config.check()
     docs = eval_docs = None
     if not config.uses_windows:
-        windows = [Window([], [], 0)] * max(1, config.batch_size * config.grad_accum)  # they only pace the sampler
+        windows = [Window([], [], 0)] * max(1, config.batch_size * config.grad_accum_steps)  # they only pace the sampler
     if windows is None:  # read the data first: a missing data set must not leave an empty run dir behind
         if config.text:
             docs = load_text_documents(config.text)
@@ -421,28 +415,30 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     compressor = build_compressor(config, backbone)
     if distill_pool is not None:
         _add_teacher(config, backbone)
-    sampler = WindowSampler(windows, config.batch_size * config.grad_accum, seed=config.seed)
+    sampler = WindowSampler(windows, config.batch_size * config.grad_accum_steps, seed=config.seed)
     optimizer = make_optimizer(config, compressor)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    loop = TrainLoop(optimizer, total_steps=config.steps, warmup_steps=config.warmup_steps,
+                     lr_schedule=config.lr_schedule, min_lr_ratio=config.min_lr_ratio,
+                     max_grad_norm=config.max_grad_norm, checkpoint_every=config.checkpoint_every, desc="pretrain",
+                     progress=progress)
+    checkpoints = ckpt.CheckpointDir(run_dir / ckpt.CHECKPOINT_DIR, keep=config.keep_checkpoints)
     history: list[dict[str, Any]] = []
     step = 0
-    found = ckpt.latest_checkpoint(run_dir) if resume else None
-    if resume and found is None and ckpt.list_checkpoints(run_dir):
+    found = ckpt.load_run_checkpoint(run_dir) if resume else None
+    if resume and found is None and ckpt.has_checkpoints(run_dir):
         # Never silently restart from scratch over a run whose checkpoints exist but do not load.
         raise RuntimeError(f"{run_dir}: checkpoints exist but none loads; inspect them or pass resume=False "
                            f"(--no-resume) to start over.")
     if found is not None:
-        path, state = found
-        load_trainable_state(compressor, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        sampler.load_state_dict(state["data"])
-        ckpt.set_rng_state(state["rng"])
-        history = state.get("history", [])
-        step = int(state["step"])
+        load_trainable_state(compressor, found.tensors["model"])
+        optimizer.load_state_dict(found.objects["optimizer"])
+        sampler.load_state_dict(found.state["data"])
+        ckpt.set_rng_state(found.objects["rng"])
+        history = found.state.get("history", [])
+        step = found.step
         # Records written after this checkpoint belong to steps that will be redone: drop them.
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        tqdm.write(f"resumed from {path} at step {step}")
+        tqdm.write(f"resumed from {found.path} at step {step}")
     else:
         random.seed(config.seed)
         torch.manual_seed(config.seed)
@@ -455,10 +451,10 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     machine = describe_machine(backbone.device)  # for the model card
 
     def save(at: int) -> None:
-        ckpt.save_checkpoint(run_dir, at, {
-            "config": asdict(config), "model": trainable_state(compressor), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "data": sampler.state_dict(), "rng": ckpt.rng_state(),
-            "history": history, "machine": machine}, keep=config.keep_checkpoints)
+        checkpoints.save(at, tensors={"model": trainable_state(compressor)},
+                         objects={"optimizer": optimizer.state_dict(), "rng": ckpt.rng_state()},
+                         state={"step": at, "config": asdict(config), "data": sampler.state_dict(), "history": history,
+                                "machine": machine})
 
     def run_eval(at: int) -> dict[str, float]:
         metrics = evaluate_compressor(compressor, eval_windows, reader_adapter=compressor.reader_adapter,
@@ -474,28 +470,28 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     if step == 0 and config.eval_every and eval_windows:
         last_eval = run_eval(0)
     end = config.steps if stop_after is None else min(config.steps, step + stop_after)
-    bar = tqdm(total=config.steps, initial=step, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
-    trainable = [p for g in optimizer.param_groups for p in g["params"]]
     tokens_seen, t0 = 0, time.perf_counter()
     is_ac = config.method == "autocompressor"
     reader = SoftPromptReader(backbone, compressor=compressor)  # the query path's prompt preparation
     weights = DistillWeights(config.distill_kl, config.distill_ce, config.distill_hidden, config.kl_temperature)
     features = FeatureCache()
 
-    def encode(segments: list[list[int]]) -> list[torch.Tensor]:
+    def encode(segments: list[list[int]], step: int) -> list[torch.Tensor]:
         if step < config.freeze_encoder_steps and not is_ac:
             return [compressor.head.projection(p) for p in features.pooled(compressor, segments)]
         return compressor.encode(segments)
-    while step < end:
+
+    def train_step(step: int) -> dict[str, Any]:
+        """The gradients of optimizer step ``step``: the mean over micro-batches of their token-averaged loss."""
+        nonlocal tokens_seen
         seg_len = curriculum_value(config.segment_curriculum, step, config.segment_length)
         compressor.config.n_slots = curriculum_value(config.slots_curriculum, step, config.n_slots)
         n_chunks = curriculum_value(config.chunks_curriculum, step, config.ac_segments) if is_ac else 1
         rng = random.Random(config.seed * 7_919 + step)  # per-step stream: identical after a resume
         batch = sampler.next_batch()
-        optimizer.zero_grad(set_to_none=True)
         parts: dict[str, list[float]] = {}
         loss_sum = 0.0
-        for micro in range(config.grad_accum):
+        for micro in range(config.grad_accum_steps):
             raw = batch[micro * config.batch_size : (micro + 1) * config.batch_size]
             chunk = [shorten(w, seg_len, config.continuation_length) for w in raw]
             names = mix.sample(rng, len(chunk))
@@ -512,7 +508,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                     examples.append(builder.window_example(name, w))
             loss, n_scored = None, 0
             if examples:
-                soft = encode([e.segment for e in examples])
+                soft = encode([e.segment for e in examples], step)
                 report = mixed_loss(backbone, compressor.reader_adapter, examples, soft, config.kl_temperature)
                 loss, n_scored = report.loss * report.n_target_tokens, report.n_target_tokens
                 for k, v in report.per_objective.items():
@@ -520,7 +516,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                 tokens_seen += sum(len(e.segment) + len(e.target_ids) for e in examples)
             if queries:
                 segments = [chunk_segments(reader, q, seg_len) for q in queries]
-                flat = iter(encode([seg for segs in segments for seg in segs]))
+                flat = iter(encode([seg for segs in segments for seg in segs], step))
                 drep = distill_loss(reader, queries, [[next(flat) for _ in segs] for segs in segments],
                                     student_adapter=compressor.reader_adapter, teacher_adapter=teacher_adapter(config),
                                     weights=weights)
@@ -540,29 +536,26 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                 continue  # nothing scorable (e.g. one-token segments): no gradient from this micro-batch
             # Token-averaged over every objective in the micro-batch (without 'ac'/'distill' exactly mixed_loss's mean).
             loss = loss / n_scored
-            (loss / config.grad_accum).backward()
-            loss_sum += float(loss.detach()) / config.grad_accum
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
+            (loss / config.grad_accum_steps).backward()
+            loss_sum += float(loss.detach()) / config.grad_accum_steps
+        return {"loss": loss_sum, "parts": parts, "seg_len": seg_len, "n_chunks": n_chunks}
+
+    def after_step(done: int, out: dict[str, Any], stats: StepStats) -> AfterStep:
+        nonlocal last_eval
         compressor.invalidate_fingerprint()
-        step += 1
-        record = {"step": step, "loss": loss_sum, "grad_norm": grad_norm, "seg_len": seg_len,
-                  **({"ac_segments": n_chunks} if is_ac else {}),
-                  "n_slots": compressor.config.n_slots, "lr": scheduler.get_last_lr()[0],
-                  **{f"loss_{k}": sum(v) / len(v) for k, v in parts.items()}, "time": time.time()}
+        record = {"step": done, "loss": out["loss"], "grad_norm": stats.grad_norm, "seg_len": out["seg_len"],
+                  **({"ac_segments": out["n_chunks"]} if is_ac else {}),
+                  "n_slots": compressor.config.n_slots, "lr": loop.lrs_at(done)[0],  # the next step's
+                  **{f"loss_{k}": sum(v) / len(v) for k, v in out["parts"].items()}, "time": time.time()}
         history.append(record)
         _log(run_dir, record)
         elapsed = time.perf_counter() - t0
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}", seg=seg_len)
-        bar.update(1)
-        if config.eval_every and eval_windows and step % config.eval_every == 0:
-            last_eval = run_eval(step)
-        if config.checkpoint_every and (step % config.checkpoint_every == 0 or step == config.steps):
-            save(step)
-    bar.close()
-    if stop_after is not None and step < config.steps and config.checkpoint_every and step % config.checkpoint_every:
-        save(step)  # a time-sliced run always leaves a checkpoint where it stopped
+        if config.eval_every and eval_windows and done % config.eval_every == 0:
+            last_eval = run_eval(done)
+        return AfterStep(postfix=dict(loss=f"{out['loss']:.3f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):.0f}",
+                                      seg=out["seg_len"]))
+
+    step = loop.run(step, end, train_step, after_step, save)
     # The ratio the weights were last trained at (a ratio curriculum may have moved it).
     compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(step - 1, 0), config.n_slots)
     return PretrainResult(compressor, step, history, last_eval)
@@ -576,18 +569,13 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     copy of the decoder (``decoder/``, with an identity of its own) next to the summary embeddings;
     the compressor returned is the one loaded back from ``out_dir``.
     """
-    if step is None:
-        found = ckpt.latest_checkpoint(run_dir)
-        if found is None:
-            raise FileNotFoundError(f"No loadable checkpoint in {run_dir}/{ckpt.CHECKPOINT_DIR}")
-        _, state = found
-    else:
-        state = ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, step))
-    fields = PretrainConfig.__dataclass_fields__
-    config = PretrainConfig(**{k: v for k, v in state["config"].items() if k in fields})
+    found = ckpt.load_run_checkpoint(run_dir, step)
+    if found is None:
+        raise FileNotFoundError(f"No loadable checkpoint in {run_dir}/{ckpt.CHECKPOINT_DIR}")
+    config = PretrainConfig.from_dict(found.state["config"])
     config.init_projection = "identity"
     config.init_from = None
-    model_state = dict(state["model"])
+    model_state = dict(found.tensors["model"])
     reader_b = [v for k, v in model_state.items() if k.startswith("reader.") and "lora_B" in k]
     if config.method == "icae" and reader_b and all(float(v.abs().max()) == 0 for v in reader_b):
         # LoRA B still zero: the reader never trained and is the identity. Ship none rather than a no-op.
@@ -596,8 +584,8 @@ def export_checkpoint(run_dir: str, out_dir: str, *, backbone: Optional[Backbone
     backbone = backbone or Backbone.load(config.decoder, device=select_device(config.device))
     compressor = build_compressor(config, backbone)
     load_trainable_state(compressor, model_state)
-    compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(int(state["step"]) - 1, 0), config.n_slots)
-    compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": int(state["step"]),
+    compressor.config.n_slots = curriculum_value(config.slots_curriculum, max(found.step - 1, 0), config.n_slots)
+    compressor.config.extra = {"training": {"run": Path(run_dir).name, "step": found.step,
                                             "objectives": config.objectives}, **(notes or {})}
     compressor.invalidate_fingerprint()
     if isinstance(compressor, AutoCompressor):

@@ -53,7 +53,7 @@ def _run_config(args: argparse.Namespace, ratio: int, run_dir: Path, steps: int,
         n_slots=segment // ratio, **shapes, objectives={"distill": 1.0},
         distill_file=train_file, teacher=args.teacher, distill_kl=args.distill_kl, distill_ce=args.distill_ce,
         distill_hidden=args.distill_hidden, freeze_encoder_steps=max(1, int(steps * args.warmup_share)), steps=steps,
-        batch_size=args.batch_size, lr=args.lr, reader_lr=args.reader_lr, head_lr=args.head_lr,
+        batch_size=args.batch_size, learning_rate=args.lr, reader_lr=args.reader_lr, head_lr=args.head_lr,
         warmup_steps=max(1, steps // 20), checkpoint_every=max(1, steps // 4), eval_every=0, seed=args.seed,
         threads=args.threads)
 
