@@ -96,11 +96,13 @@ def run_finetune(args: argparse.Namespace) -> None:
         config=config, similarity_top_k=args.top_k, position_budget=args.position_budget,
         use_gold_contexts=not args.no_gold_contexts, instruction_data=args.instruction_data,
         question_llm=llm if generate else None, num_questions_per_chunk=args.questions_per_chunk,
-        max_question_nodes=args.max_question_nodes, expansion_mix=mix, show_progress=not args.no_progress)
+        max_question_nodes=args.max_question_nodes, expansion_mix=mix, show_progress=not args.no_progress,
+        persist_dir=args.persist_dir)
     result = engine.finetune(stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
     print(json.dumps(result.metrics(), indent=2))
     if result.finished:
         print(f"adapter saved to {output_dir}; query with: lloco-index query {args.persist_dir} \"...\" "
               f"--adapter {output_dir} --adapter-name {args.adapter_name}")
     else:
-        print(f"stopped at step {result.step}/{result.total_steps}; run the same command again to resume")
+        print(f"stopped at step {result.step}/{result.total_steps}; run the same command again to resume "
+              f"(or, from Python, LLoCOFinetuneEngine.resume('{output_dir}').finetune())")
