@@ -1,0 +1,139 @@
+"""Long-context table (64k and 128k tokens on an 8k-window decoder) from a `lloco-index bench` needle results file.
+
+The bench command measures; this script only reads its results and breaks them down per haystack length,
+adding what the aggregate table cannot show: whether the retriever found the chunk holding the needle
+(``retrieved``), and whether that chunk was read as text (``expanded``) or as its soft prompt. The needle
+chunk is found by rebuilding each haystack exactly as the bench did (same data, tokenizer and chunking).
+
+Usage (seconds; never run in tests)::
+
+    OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets needle \\
+        --needle-lengths 65536 131072 --needle-depths 0.25 0.5 0.75 --systems rag lloco --expand-top-k 1 2 \\
+        --tag long-context-needle
+    .venv/bin/python benchmarks/long_context_report.py
+
+Writes ``docs/benchmarks/long-context.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+NEEDLE_MARK = "Dolores Park"  # a phrase of the needle sentence; the chunk holding it is the needle chunk
+
+
+def needle_chunks(lengths: list[int], depths: list[float], segment: int) -> dict[str, set[int]]:
+    """Document id -> the chunk numbers that hold the needle (two when a chunk boundary cuts it)."""
+    from transformers import AutoTokenizer
+
+    from lloco_index.eval import datasets as ds
+    from lloco_index.eval.retrieval import chunk_by_tokens
+    from lloco_index.models import default_decoder_dir
+
+    tok = AutoTokenizer.from_pretrained(str(default_decoder_dir()))
+    bench = ds.needle_in_a_haystack(None, tok, lengths=lengths, depths=depths)
+    out = {}
+    for doc_id, doc in bench.documents.items():
+        chunks = chunk_by_tokens(doc.text, tok, segment)
+        out[doc_id] = {i for i, c in enumerate(chunks) if NEEDLE_MARK in c or "sandwich and sit" in c}
+    return out
+
+
+def short(system: str) -> str:
+    return system.split("[")[0] + ("[identity]" if "token_embedding" in system else "")
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default="docs/benchmarks/results-long-context-needle.jsonl")
+    p.add_argument("--out", default="docs/benchmarks/long-context.md")
+    p.add_argument("--command", default="OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets needle "
+                   "--needle-lengths 65536 131072 --needle-depths 0.25 0.5 0.75 --systems rag lloco --expand-top-k 1 2 "
+                   "--tag long-context-needle")
+    args = p.parse_args(argv)
+    records = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    runs = [r for r in records if r["type"] == "run"]
+    questions = [r for r in records if r["type"] == "question"]
+    documents = [r for r in records if r["type"] == "document"]
+    run = runs[-1]
+    segment = run["compressors"][0]["segment_length"]
+    lengths = sorted({q["metadata"]["length"] for q in questions})
+    depths = sorted({q["metadata"]["depth"] for q in questions})
+    where = needle_chunks(lengths, depths, segment)
+    window = run["context_window"]
+    m = run["machine"]
+
+    lines = [f"# Long context: {', '.join(f'{n // 1024}k' for n in lengths)} tokens on an {window // 1024}k-window decoder",
+             "",
+             f"Needle in a haystack (Paul Graham essays, the usual needle sentence and question), {len(depths)} depths "
+             f"per length ({', '.join(str(d) for d in depths)}), decoder `{run['decoder']}` (context window {window} "
+             f"positions), compressor `{run['compressors'][0]['label']}` ({run['compressors'][0]['n_slots']} slots per "
+             f"{segment} tokens), retriever all-MiniLM-L6-v2 top-{run['top_k']}, the shipped reader adapter.",
+             "",
+             f"**The full context cannot run:** {lengths[0]} tokens are {lengths[0] / window:.0f}x the window, and even "
+             f"the whole document as soft prompts needs {lengths[0] // segment * run['compressors'][0]['n_slots']} to "
+             f"{lengths[-1] // segment * run['compressors'][0]['n_slots']} positions (1x-2x the window), so every system "
+             f"here reads retrieved chunks. `lloco` = the 4 retrieved chunks as soft prompts; `hybrid<k>` = the same with "
+             f"the k best read as text (selective expansion); `rag` = the 4 chunks as text; `[identity]` = the identity "
+             f"compressor (token embeddings as soft prompts: must answer as `rag` does).",
+             "",
+             "`needle retrieved` = questions whose retrieved chunks include the one holding the needle; `needle read as "
+             "text` = of those, the needle chunk was expanded to text (always for `rag`). Latency is end to end per "
+             "question (retrieve + assemble + prefill + decode), on one CPU thread.",
+             ""]
+    by = defaultdict(list)
+    for q in questions:
+        by[(q["metadata"]["length"], q["system"])].append(q)
+    systems = list(dict.fromkeys(q["system"] for q in questions))
+    for length in lengths:
+        lines += [f"## {length // 1024}k tokens ({length} decoder tokens, {length // segment} chunks)", "",
+                  "| system | n | recall | needle retrieved | needle read as text | positions | prefill s | total s | "
+                  "peak RSS MB | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for system in systems:
+            rows = by.get((length, system), [])
+            if not rows:
+                continue
+            hit = [r for r in rows if where[r["document_id"]] & set(r.get("retrieved") or [])]
+            as_text = [r for r in hit if r["system_kind"] == "rag" or where[r["document_id"]] & set(r.get("expanded") or [])]
+
+            def mean(f):
+                return statistics.mean(f(r) for r in rows)
+
+            lines.append(
+                f"| `{short(system)}` | {len(rows)} | {mean(lambda r: r['scores']['recall']):.3f} | {len(hit)}/{len(rows)} | "
+                f"{len(as_text)}/{len(rows)} | {mean(lambda r: r['positions']):.0f} | "
+                f"{mean(lambda r: r['latency']['prefill_s']):.2f} | {mean(lambda r: r['latency']['total_s']):.2f} | "
+                f"{mean(lambda r: r['memory']['peak_rss_mb']):.0f} | {mean(lambda r: r['loadavg_1m']):.1f} |")
+        docs = [d for d in documents if d["source_tokens"] >= length - 2 and d["source_tokens"] <= length
+                and "token_embedding" not in d["compressor"]]
+        if docs:
+            lines += ["", f"One-off compression per haystack: {statistics.mean(d['compress_s'] for d in docs):.0f} s "
+                          f"({statistics.mean(d['source_tokens'] / d['compress_s'] for d in docs):.0f} tokens/s), "
+                          f"{docs[0]['soft_positions']} soft-prompt positions, "
+                          f"{docs[0]['store_bytes'] / 2**20:.1f} MiB of soft prompts; chunk embedding "
+                          f"{statistics.mean(d['index_s'] for d in docs):.0f} s."]
+        lines.append("")
+    lines += ["## Per question", "", "| length | depth | system | retrieved chunks | needle chunk | expanded | answer |",
+              "|---|---|---|---|---|---|---|"]
+    for q in sorted(questions, key=lambda r: (r["metadata"]["length"], r["metadata"]["depth"], r["system"])):
+        answer = q["prediction"].replace("|", "/").replace("\n", " ")[:70]
+        lines.append(f"| {q['metadata']['length'] // 1024}k | {q['metadata']['depth']} | `{short(q['system'])}` | "
+                     f"{q.get('retrieved')} | {sorted(where[q['document_id']])} | {q.get('expanded', '–')} | {answer} |")
+    lines += ["", f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores, torch {m.get('torch')} ({m.get('torch_threads')} "
+                  f"thread), compute dtype {m.get('compute_dtype')}, generation {m.get('generation_dtype')}, load average "
+                  f"at start {m.get('loadavg_1m_at_start', 0):.2f}; run started {run['time']}.", "",
+              f"Command: `{args.command}`, then `python benchmarks/long_context_report.py` for this page. Raw results: "
+              f"[`{Path(args.results).name}`]({Path(args.results).name}); the bench's own table: "
+              f"[`results-long-context-needle.md`](results-long-context-needle.md).", ""]
+    out = Path(args.out)
+    out.write_text("\n".join(lines))
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
