@@ -81,6 +81,9 @@ def main(argv=None) -> Path:
              f"the k best read as text (selective expansion); `rag` = the 4 chunks as text; `[identity]` = the identity "
              f"compressor (token embeddings as soft prompts: must answer as `rag` does).",
              "",
+             "`recall` is the share of the answer's words in the prediction (so an answer about San Francisco without "
+             "the needle still scores about 0.1 on common words like 'a' and 'day').",
+             "",
              "`needle retrieved` = questions whose retrieved chunks include the one holding the needle; `needle read as "
              "text` = of those, the needle chunk was expanded to text (always for `rag`). Latency is end to end per "
              "question (retrieve + assemble + prefill + decode), on one CPU thread.",
@@ -108,6 +111,23 @@ def main(argv=None) -> Path:
                 f"{len(as_text)}/{len(rows)} | {mean(lambda r: r['positions']):.0f} | "
                 f"{mean(lambda r: r['latency']['prefill_s']):.2f} | {mean(lambda r: r['latency']['total_s']):.2f} | "
                 f"{mean(lambda r: r['memory']['peak_rss_mb']):.0f} | {mean(lambda r: r['loadavg_1m']):.1f} |")
+        # Reading and retrieval apart: the same systems on the haystacks where the needle chunk was retrieved, and
+        # where it was not (then no system reading retrieved chunks can know the answer).
+        split = {True: [], False: []}
+        for doc_id in sorted({r["document_id"] for (n, _), rows in by.items() if n == length for r in rows}):
+            rag = [r for r in questions if r["document_id"] == doc_id and r["system_kind"] == "rag"]
+            if rag:
+                split[bool(where[doc_id] & set(rag[0].get("retrieved") or []))].append(doc_id)
+        lines += ["", f"Recall split by retrieval: the needle chunk was in the top {run['top_k']} for "
+                      f"{len(split[True])} of {len(split[True]) + len(split[False])} haystacks "
+                      f"(the retriever is the same for every system).", "",
+                  "| system | recall where the needle was retrieved | recall where it was not |", "|---|---|---|"]
+        for system in systems:
+            cells = []
+            for hit in (True, False):
+                vals = [r["scores"]["recall"] for r in by.get((length, system), []) if r["document_id"] in split[hit]]
+                cells.append(f"{statistics.mean(vals):.3f} (n={len(vals)})" if vals else "–")
+            lines.append(f"| `{short(system)}` | {cells[0]} | {cells[1]} |")
         docs = [d for d in documents if d["source_tokens"] >= length - 2 and d["source_tokens"] <= length
                 and "token_embedding" not in d["compressor"]]
         if docs:
@@ -117,6 +137,10 @@ def main(argv=None) -> Path:
                           f"{docs[0]['store_bytes'] / 2**20:.1f} MiB of soft prompts; chunk embedding "
                           f"{statistics.mean(d['index_s'] for d in docs):.0f} s."]
         lines.append("")
+    loads = [q["loadavg_1m"] for q in questions]
+    lines += [f"Load: the machine's 1-minute load average was {min(loads):.1f}-{max(loads):.1f} on {m.get('cpu_count')} "
+              f"cores while these answers ran (other jobs shared the machine), so seconds differ between rows by more "
+              f"than their positions explain; the positions are exact.", ""]
     lines += ["## Per question", "", "| length | depth | system | retrieved chunks | needle chunk | expanded | answer |",
               "|---|---|---|---|---|---|---|"]
     for q in sorted(questions, key=lambda r: (r["metadata"]["length"], r["metadata"]["depth"], r["system"])):
