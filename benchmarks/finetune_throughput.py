@@ -164,7 +164,11 @@ def _side(args) -> dict:
             raise SystemExit(f"error: {len(train) - len(finetuner.train_examples)} {args.side} examples do not fit "
                              f"the {backbone.context_window}-position window; lower --max-tokens")
         positions = [reader.count_positions(reader.render(e.messages)) for e in train]
-        loaded = PeakRSS.rss()  # model, compressor and soft prompts resident; nothing trained yet
+        # The weights are memory-mapped and paged in on first use: one tiny no-grad forward makes them resident,
+        # so the RSS after it is the loaded model, and what a step adds above it is training memory.
+        with torch.no_grad():
+            backbone.base_model(input_ids=torch.tensor([[backbone.tokenizer.eos_token_id or 0] * 4]))
+        loaded = PeakRSS.rss()
         warm = finetuner.train(stop_after_steps=1)
         warm_cpu = finetuner.loop_cpu - finetuner.checkpoint_cpu
         load_start = os.getloadavg()[0]
