@@ -26,6 +26,32 @@ from pathlib import Path
 NEEDLE_MARK = "Dolores Park"  # a phrase of the needle sentence; the chunk holding it is the needle chunk
 
 
+def needle_ranks(lengths: list[int], depths: list[float], segment: int, cache: Path) -> dict[str, int]:
+    """Document id -> the 1-based rank the retriever gives the best needle chunk (minutes: every chunk is embedded
+    again with the bench's embedder; cached in ``cache``)."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    from transformers import AutoTokenizer
+
+    from lloco_index.eval import datasets as ds
+    from lloco_index.eval.retrieval import ChunkIndex, load_embedder
+    from lloco_index.models import default_decoder_dir
+
+    tok = AutoTokenizer.from_pretrained(str(default_decoder_dir()))
+    bench = ds.needle_in_a_haystack(None, tok, lengths=lengths, depths=depths)
+    embedder = load_embedder()
+    out = {}
+    for doc_id, doc in bench.documents.items():
+        index = ChunkIndex.build(doc.text, tok, chunk_tokens=segment, embedder=embedder)
+        holding = {i for i, c in enumerate(index.chunks) if NEEDLE_MARK in c or "sandwich and sit" in c}
+        rows, _ = index.search_scored(bench.examples[0].question, len(index.chunks))
+        out[doc_id] = 1 + min(rows.index(i) for i in holding)
+        print(doc_id, out[doc_id], flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out
+
+
 def needle_chunks(lengths: list[int], depths: list[float], segment: int) -> dict[str, set[int]]:
     """Document id -> the chunk numbers that hold the needle (two when a chunk boundary cuts it)."""
     from transformers import AutoTokenizer
@@ -54,6 +80,9 @@ def main(argv=None) -> Path:
     p.add_argument("--command", default="OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets needle "
                    "--needle-lengths 65536 131072 --needle-depths 0.25 0.5 0.75 --systems rag lloco --expand-top-k 1 2 "
                    "--tag long-context-needle")
+    p.add_argument("--ranks", action="store_true",
+                   help="also rank every chunk for the question, to say where the needle chunk stands (minutes)")
+    p.add_argument("--ranks-cache", default="runs/long-context-needle-ranks.json")
     args = p.parse_args(argv)
     records = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
     runs = [r for r in records if r["type"] == "run"]
@@ -64,6 +93,7 @@ def main(argv=None) -> Path:
     lengths = sorted({q["metadata"]["length"] for q in questions})
     depths = sorted({q["metadata"]["depth"] for q in questions})
     where = needle_chunks(lengths, depths, segment)
+    ranks = needle_ranks(lengths, depths, segment, Path(args.ranks_cache)) if args.ranks else {}
     window = run["context_window"]
     m = run["machine"]
 
@@ -128,6 +158,12 @@ def main(argv=None) -> Path:
                 vals = [r["scores"]["recall"] for r in by.get((length, system), []) if r["document_id"] in split[hit]]
                 cells.append(f"{statistics.mean(vals):.3f} (n={len(vals)})" if vals else "–")
             lines.append(f"| `{short(system)}` | {cells[0]} | {cells[1]} |")
+        mine = {d: r for d, r in ranks.items() if d.startswith(f"needle-{length}-")}
+        if mine:
+            lines += ["", "Where the retriever ranks the needle chunk for the question (1 = best; the systems read the "
+                          f"top {run['top_k']}): " + ", ".join(f"depth {d.rsplit('-', 1)[1].lstrip('0') or '0'}%: "
+                                                             f"{r} of {length // segment}" for d, r in sorted(mine.items()))
+                      + "."]
         docs = [d for d in documents if d["source_tokens"] >= length - 2 and d["source_tokens"] <= length
                 and "token_embedding" not in d["compressor"]]
         if docs:
