@@ -5,12 +5,16 @@ adding what the aggregate table cannot show: whether the retriever found the chu
 (``retrieved``), and whether that chunk was read as text (``expanded``) or as its soft prompt. The needle
 chunk is found by rebuilding each haystack exactly as the bench did (same data, tokenizer and chunking).
 
-Usage (seconds; never run in tests)::
+Usage (the bench runs: tens of minutes each on one core; this report: seconds, minutes with ``--ranks``;
+never run in tests)::
 
     OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets needle \\
         --needle-lengths 65536 131072 --needle-depths 0.25 0.5 0.75 --systems rag lloco --expand-top-k 1 2 \\
         --tag long-context-needle
-    .venv/bin/python benchmarks/long_context_report.py
+    OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets needle --needle-lengths 131072 \\
+        --needle-depths 0.25 0.5 0.75 --systems rag lloco --compressors default --expand-top-k 1 2 --top-k 8 \\
+        --tag long-context-needle-top8
+    .venv/bin/python benchmarks/long_context_report.py --ranks
 
 Writes ``docs/benchmarks/long-context.md``.
 """
@@ -70,60 +74,21 @@ def needle_chunks(lengths: list[int], depths: list[float], segment: int) -> dict
 
 
 def short(system: str) -> str:
-    return system.split("[")[0] + ("[identity]" if "token_embedding" in system else "")
+    top = system.split("]")[-1] if "]" in system else ""
+    return system.split("[")[0] + ("[identity]" if "token_embedding" in system else "") + top
 
 
-def main(argv=None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default="docs/benchmarks/results-long-context-needle.jsonl")
-    p.add_argument("--out", default="docs/benchmarks/long-context.md")
-    p.add_argument("--command", default="OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets needle "
-                   "--needle-lengths 65536 131072 --needle-depths 0.25 0.5 0.75 --systems rag lloco --expand-top-k 1 2 "
-                   "--tag long-context-needle")
-    p.add_argument("--ranks", action="store_true",
-                   help="also rank every chunk for the question, to say where the needle chunk stands (minutes)")
-    p.add_argument("--ranks-cache", default="runs/long-context-needle-ranks.json")
-    args = p.parse_args(argv)
-    records = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
-    runs = [r for r in records if r["type"] == "run"]
-    questions = [r for r in records if r["type"] == "question"]
-    documents = [r for r in records if r["type"] == "document"]
-    run = runs[-1]
+def length_sections(questions, documents, run, where, ranks, title: str = "") -> list[str]:
+    """One section per haystack length: per-system table, recall split by retrieval, needle ranks, compression."""
     segment = run["compressors"][0]["segment_length"]
     lengths = sorted({q["metadata"]["length"] for q in questions})
-    depths = sorted({q["metadata"]["depth"] for q in questions})
-    where = needle_chunks(lengths, depths, segment)
-    ranks = needle_ranks(lengths, depths, segment, Path(args.ranks_cache)) if args.ranks else {}
-    window = run["context_window"]
-    m = run["machine"]
-
-    lines = [f"# Long context: {', '.join(f'{n // 1024}k' for n in lengths)} tokens on an {window // 1024}k-window decoder",
-             "",
-             f"Needle in a haystack (Paul Graham essays, the usual needle sentence and question), {len(depths)} depths "
-             f"per length ({', '.join(str(d) for d in depths)}), decoder `{run['decoder']}` (context window {window} "
-             f"positions), compressor `{run['compressors'][0]['label']}` ({run['compressors'][0]['n_slots']} slots per "
-             f"{segment} tokens), retriever all-MiniLM-L6-v2 top-{run['top_k']}, the shipped reader adapter.",
-             "",
-             f"**The full context cannot run:** {lengths[0]} tokens are {lengths[0] / window:.0f}x the window, and even "
-             f"the whole document as soft prompts needs {lengths[0] // segment * run['compressors'][0]['n_slots']} to "
-             f"{lengths[-1] // segment * run['compressors'][0]['n_slots']} positions (1x-2x the window), so every system "
-             f"here reads retrieved chunks. `lloco` = the 4 retrieved chunks as soft prompts; `hybrid<k>` = the same with "
-             f"the k best read as text (selective expansion); `rag` = the 4 chunks as text; `[identity]` = the identity "
-             f"compressor (token embeddings as soft prompts: must answer as `rag` does).",
-             "",
-             "`recall` is the share of the answer's words in the prediction (so an answer about San Francisco without "
-             "the needle still scores about 0.1 on common words like 'a' and 'day').",
-             "",
-             "`needle retrieved` = questions whose retrieved chunks include the one holding the needle; `needle read as "
-             "text` = of those, the needle chunk was expanded to text (always for `rag`). Latency is end to end per "
-             "question (retrieve + assemble + prefill + decode), on one CPU thread.",
-             ""]
+    lines: list[str] = []
     by = defaultdict(list)
     for q in questions:
         by[(q["metadata"]["length"], q["system"])].append(q)
     systems = list(dict.fromkeys(q["system"] for q in questions))
     for length in lengths:
-        lines += [f"## {length // 1024}k tokens ({length} decoder tokens, {length // segment} chunks)", "",
+        lines += [f"## {length // 1024}k tokens ({length} decoder tokens, {length // segment} chunks){title}", "",
                   "| system | n | recall | needle retrieved | needle read as text | positions | prefill s | total s | "
                   "peak RSS MB | load avg |", "|---|---|---|---|---|---|---|---|---|---|"]
         for system in systems:
@@ -173,6 +138,74 @@ def main(argv=None) -> Path:
                           f"{docs[0]['store_bytes'] / 2**20:.1f} MiB of soft prompts; chunk embedding "
                           f"{statistics.mean(d['index_s'] for d in docs):.0f} s."]
         lines.append("")
+    return lines
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default="docs/benchmarks/results-long-context-needle.jsonl")
+    p.add_argument("--out", default="docs/benchmarks/long-context.md")
+    p.add_argument("--command", default="OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets needle "
+                   "--needle-lengths 65536 131072 --needle-depths 0.25 0.5 0.75 --systems rag lloco --expand-top-k 1 2 "
+                   "--tag long-context-needle")
+    p.add_argument("--also", nargs="*", default=["docs/benchmarks/results-long-context-needle-top8.jsonl"],
+                   help="more results files of the same haystacks (e.g. another --top-k), one section each")
+    p.add_argument("--also-command", default="OMP_NUM_THREADS=1 nice -n 10 lloco-index bench --suite full --datasets "
+                   "needle --needle-lengths 131072 --needle-depths 0.25 0.5 0.75 --systems rag lloco --compressors default "
+                   "--expand-top-k 1 2 --top-k 8 --tag long-context-needle-top8")
+    p.add_argument("--ranks", action="store_true",
+                   help="also rank every chunk for the question, to say where the needle chunk stands (minutes)")
+    p.add_argument("--ranks-cache", default="runs/long-context-needle-ranks.json")
+    args = p.parse_args(argv)
+    records = [json.loads(line) for line in Path(args.results).read_text().splitlines() if line.strip()]
+    runs = [r for r in records if r["type"] == "run"]
+    questions = [r for r in records if r["type"] == "question"]
+    documents = [r for r in records if r["type"] == "document"]
+    run = runs[-1]
+    segment = run["compressors"][0]["segment_length"]
+    lengths = sorted({q["metadata"]["length"] for q in questions})
+    depths = sorted({q["metadata"]["depth"] for q in questions})
+    where = needle_chunks(lengths, depths, segment)
+    ranks = needle_ranks(lengths, depths, segment, Path(args.ranks_cache)) if args.ranks else {}
+    window = run["context_window"]
+    m = run["machine"]
+
+    lines = [f"# Long context: {', '.join(f'{n // 1024}k' for n in lengths)} tokens on an {window // 1024}k-window decoder",
+             "",
+             f"Needle in a haystack (Paul Graham essays, the usual needle sentence and question), {len(depths)} depths "
+             f"per length ({', '.join(str(d) for d in depths)}), decoder `{run['decoder']}` (context window {window} "
+             f"positions), compressor `{run['compressors'][0]['label']}` ({run['compressors'][0]['n_slots']} slots per "
+             f"{segment} tokens), retriever all-MiniLM-L6-v2 top-{run['top_k']}, the shipped reader adapter.",
+             "",
+             f"**The full context cannot run:** {lengths[0]} tokens are {lengths[0] / window:.0f}x the window, and even "
+             f"the whole document as soft prompts needs {lengths[0] // segment * run['compressors'][0]['n_slots']} to "
+             f"{lengths[-1] // segment * run['compressors'][0]['n_slots']} positions (1x-2x the window), so every system "
+             f"here reads retrieved chunks. `lloco` = the 4 retrieved chunks as soft prompts; `hybrid<k>` = the same with "
+             f"the k best read as text (selective expansion); `rag` = the 4 chunks as text; `[identity]` = the identity "
+             f"compressor (token embeddings as soft prompts: must answer as `rag` does).",
+             "",
+             "`recall` is the share of the answer's words in the prediction (so an answer about San Francisco without "
+             "the needle still scores about 0.1 on common words like 'a' and 'day').",
+             "",
+             "`needle retrieved` = questions whose retrieved chunks include the one holding the needle; `needle read as "
+             "text` = of those, the needle chunk was expanded to text (always for `rag`). Latency is end to end per "
+             "question (retrieve + assemble + prefill + decode), on one CPU thread.",
+             ""]
+    lines += length_sections(questions, documents, run, where, ranks)
+    by = defaultdict(list)
+    for q in questions:
+        by[(q["metadata"]["length"], q["system"])].append(q)
+    for extra in args.also:
+        path = Path(extra)
+        if not path.is_file():
+            continue
+        more = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        extra_run = [r for r in more if r["type"] == "run"][-1]
+        extra_q = [r for r in more if r["type"] == "question"]
+        lines += length_sections(extra_q, [r for r in more if r["type"] == "document"], extra_run, where, ranks,
+                                 f", top-{extra_run['top_k']} retrieval ([`{path.name}`]({path.name}))")
+        # In the per-question table below, these rows carry their top-k.
+        questions = questions + [{**r, "system": f"{r['system']}@top{extra_run['top_k']}"} for r in extra_q]
     loads = [q["loadavg_1m"] for q in questions]
     lines += [f"Load: the machine's 1-minute load average was {min(loads):.1f}-{max(loads):.1f} on {m.get('cpu_count')} "
               f"cores while these answers ran (other jobs shared the machine), so seconds differ between rows by more "
@@ -186,7 +219,9 @@ def main(argv=None) -> Path:
     lines += ["", f"Machine: {m.get('cpu')}, {m.get('cpu_count')} cores, torch {m.get('torch')} ({m.get('torch_threads')} "
                   f"thread), compute dtype {m.get('compute_dtype')}, generation {m.get('generation_dtype')}, load average "
                   f"at start {m.get('loadavg_1m_at_start', 0):.2f}; run started {run['time']}.", "",
-              f"Command: `{args.command}`, then `python benchmarks/long_context_report.py` for this page. Raw results: "
+              f"Command: `{args.command}`"
+              + (f" and `{args.also_command}`" if any(Path(a).is_file() for a in args.also) else "")
+              + f", then `python benchmarks/long_context_report.py --ranks` for this page. Raw results: "
               f"[`{Path(args.results).name}`]({Path(args.results).name}); the bench's own table: "
               f"[`results-long-context-needle.md`](results-long-context-needle.md).", ""]
     out = Path(args.out)
