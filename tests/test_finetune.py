@@ -214,7 +214,7 @@ def test_resume_after_interruption_is_exact(corpus, qa_file, tmp_path):
     assert full.best_step == resumed.best_step
 
     # Other settings in the same directory are refused, not silently mixed.
-    with pytest.raises(FinetuneResumeError, match="config hash"):
+    with pytest.raises(FinetuneResumeError, match=r"other settings: learning_rate=0.02 \(this call: 0.001\)\."):
         engine_for(corpus, qa_file, tmp_path / "resumed", config=fast_config(learning_rate=1e-3, lora_dropout=0.1,
                    val_fraction=0.34, patience=5, eval_every=2, epochs=4)).finetune()
 
@@ -404,3 +404,51 @@ def test_expansion_mix_trains_on_text_soft_and_mixed_contexts(corpus, tmp_path):
     assert [e.messages for e in again.build_examples()[0]] == [e.messages for e in train]  # a stable pick per question
     with pytest.raises(ValueError, match="expansion_mix must list expand_top_k values >= 0"):
         engine_for(corpus, QA, tmp_path / "bad", expansion_mix=(-1,))
+
+
+def _cli_storage(tmp_path):
+    """A persisted index of a tiny decoder saved to disk (what `lloco-index compress` leaves behind)."""
+    from lloco_index.backbone import Backbone
+    from lloco_index.llamaindex import default_embed_model
+
+    model_dir = tmp_path / "tiny-model"
+    source = tiny_backbone()
+    source.base_model.save_pretrained(str(model_dir))
+    source.tokenizer.save_pretrained(str(model_dir))
+    backbone = Backbone.load(model_dir)
+    compressor = TokenEmbeddingCompressor(backbone, TokenEmbeddingConfig(segment_length=SEGMENT,
+                                                                         base_model=backbone.identity))
+    build_index(DOCS, compressor, persist_dir=tmp_path / "storage", embed_model=default_embed_model())
+    return tmp_path / "storage"
+
+
+def test_cli_finetune_resumes_from_python(tmp_path, qa_file):
+    """A finetune started with `lloco-index finetune` resumes from Python given the same settings: the CLI's
+    defaults are the Python defaults, and the run directory remembers the settings it was started with."""
+    from lloco_index.cli import main
+
+    storage = _cli_storage(tmp_path)
+    out = storage / "adapters" / "lloco_domain"
+    assert main(["finetune", str(storage), str(qa_file), "--epochs", "1", "--grad-accum", "2", "--val-fraction", "0",
+                 "--no-progress", "--stop-after-steps", "1"]) == 0
+    assert not (out / "adapter_config.json").exists()
+    # Other settings: the error names them instead of two hashes.
+    other = LLoCOFinetuneEngine.from_persist_dir(
+        storage, qa_file, output_dir=out, config=FinetuneConfig(epochs=2, grad_accum_steps=2, val_fraction=0.0),
+        show_progress=False)
+    with pytest.raises(FinetuneResumeError, match=r"epochs=1 \(this call: 2\)"):
+        other.finetune()
+    # The same settings, written the Python way.
+    engine = LLoCOFinetuneEngine.from_persist_dir(
+        storage, qa_file, output_dir=out, config=FinetuneConfig(epochs=1, grad_accum_steps=2, val_fraction=0.0),
+        show_progress=False)
+    result = engine.finetune()
+    assert result.finished and result.step == result.total_steps > 1
+    # Or no settings at all: the engine takes the ones recorded by the run it resumes.
+    out2 = storage / "adapters" / "second"
+    assert main(["finetune", str(storage), str(qa_file), "--adapter-name", "second", "--epochs", "1", "--grad-accum",
+                 "2", "--lr", "1e-2", "--val-fraction", "0", "--top-k", "2", "--no-progress", "--stop-after-steps", "1"]) == 0
+    resumed = LLoCOFinetuneEngine.resume(out2, show_progress=False)
+    assert resumed.config.learning_rate == 1e-2 and resumed.similarity_top_k == 2 and resumed.adapter_name == "second"
+    result = resumed.finetune()
+    assert result.finished and result.step == result.total_steps

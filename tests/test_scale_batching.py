@@ -225,3 +225,30 @@ async def test_langchain_batch_and_abatch(reader):
     assert llm._batcher.batches_run < 2 * len(inputs)
     out = (await llm.abatch(inputs[:1]))[0]
     assert out.usage_metadata["input_tokens"] > 0 and out.response_metadata["lloco"]["soft_prompt_ids"]
+
+
+async def test_async_calls_batch_at_the_default_settings(reader):
+    """`asyncio.gather` of 3 queries shares batches without any batching option, with the same answers as one
+    call at a time; a reader that batches itself (vLLM) is handed each call as it comes."""
+    from lloco_index.langchain import ChatLLoCO
+    from lloco_index.llamaindex import LLoCOLLM
+
+    llm = LLoCOLLM(reader.compressor, reader.store, max_new_tokens=8, resolve_placeholders="any")
+    prompts = [m[-1]["content"] for m in _requests(reader)[:3]]
+    expected = [llm.complete(p).text for p in prompts]
+    got = await asyncio.gather(*(llm.acomplete(p) for p in prompts))
+    assert [r.text for r in got] == expected
+    assert llm._batcher is not None and llm._batcher.batches_run < len(prompts)
+
+    chat = ChatLLoCO(compressor=reader.compressor, store=reader.store, max_tokens=8, resolve_placeholders="any")
+    inputs = [[HumanMessage(p)] for p in prompts]
+    assert [m.content for m in await chat.abatch(inputs)] == expected
+    assert chat._batcher is not None and chat._batcher.batches_run < len(prompts)
+
+    class SelfBatchingReader(SoftPromptReader):
+        queue_batching = False
+
+    own = LLoCOLLM(reader.compressor, reader.store, max_new_tokens=8, resolve_placeholders="any")
+    own._reader = SelfBatchingReader(reader.backbone, reader.store, compressor=reader.compressor, max_new_tokens=8)
+    got = await asyncio.gather(*(own.acomplete(p) for p in prompts))
+    assert [r.text for r in got] == expected and own._batcher is None

@@ -184,7 +184,11 @@ class Backbone:
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.peft_model, adapter_name=name)
+        # save_embedding_layers=False: this package never resizes the vocabulary, so the base embedding matrices
+        # are never part of an adapter. peft's "auto" would look for the base model's config.json at the path the
+        # adapter was saved from (another machine's cache for a shipped adapter) and warn "Could not find a
+        # config file in …" about a path that does not exist here.
+        return get_peft_model_state_dict(self.peft_model, adapter_name=name, save_embedding_layers=False)
 
     def set_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict

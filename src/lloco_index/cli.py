@@ -34,12 +34,39 @@ def _compress(args: argparse.Namespace) -> None:
                   if (args.persist_dir / defaults.STORE_SUBDIR).is_dir() else set())
     # build_index takes the lock again for the whole build; between the two another writer may start, and
     # then build_index refuses with the same "locked" error.
-    index, store = build_index(docs, compressor, persist_dir=args.persist_dir, show_progress=True)
+    quiet = _DropStoreInterruptNote()  # the command's own line below says it, with the totals
+    logging.getLogger("lloco_index.store").addFilter(quiet)
+    try:
+        index, store = build_index(docs, compressor, persist_dir=args.persist_dir, show_progress=True)
+    except KeyboardInterrupt:
+        raise _compress_interrupted(args.persist_dir, compressor, stored) from None
+    finally:
+        logging.getLogger("lloco_index.store").removeFilter(quiet)
     total = len(index.ref_doc_info)
     new = len(set(store.ids()) - stored)
     print(f"{len(docs)} documents read, {total - before} added to the index ({total} in all) -> {len(store)} soft "
           f"prompts in {args.persist_dir} (compressor {compressor.fingerprint}): {new} new chunks compressed, "
           f"{len(store) - new} already stored and not recompressed")
+
+
+class _DropStoreInterruptNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("interrupted:")
+
+
+def _compress_interrupted(persist_dir: Path, compressor, stored: set) -> KeyboardInterrupt:
+    """The line a Ctrl-C during ``compress`` ends with: how many chunks are safe on disk, and how to go on."""
+    from .errors import Interrupted
+    from .store import SoftPromptStore
+
+    try:
+        now = set(SoftPromptStore.open(persist_dir, compressor).ids())
+    except Exception:  # the line must not fail: without a count it still says how to go on
+        return Interrupted(f"interrupted: the chunks compressed so far are stored in {persist_dir}; run the same "
+                           f"command again to go on (stored chunks are not compressed again).")
+    return Interrupted(
+        f"interrupted: {len(now - stored)} new chunks compressed and stored in {persist_dir} ({len(now)} in all), the "
+        f"index not written yet; run the same command again to go on (stored chunks are not compressed again).")
 
 
 def _indexed_documents(persist_dir: Path) -> int:
@@ -193,9 +220,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except LLoCOError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the finished work is saved; run the same command again to resume where it stopped.",
-              file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        from .errors import Interrupted
+
+        line = str(exc) if isinstance(exc, Interrupted) and str(exc) else (
+            "interrupted: the finished work is saved; run the same command again to resume where it stopped.")
+        print(line, file=sys.stderr)
         return 130
     return 0
 

@@ -5,6 +5,14 @@ class LLoCOError(Exception):
     """Base class of every error this package raises on purpose."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a command, carrying the one line that says what was saved and how to go on.
+
+    Still a ``KeyboardInterrupt``: code that stops on Ctrl-C keeps stopping; the ``lloco-index`` command prints
+    the line instead of a traceback.
+    """
+
+
 # Not ValueErrors: LlamaIndex's refine synthesizer catches ValueError and answers "Empty Response",
 # which would turn these into a silent empty answer with exit status 0.
 class EmptyDocumentError(LLoCOError):

@@ -36,6 +36,10 @@ class SoftPromptReader:
     >>> reader.generate([{"role": "user", "content": f"Context: {placeholder}\\nQ: who?"}])
     """
 
+    # The LLM wrappers' BatchingQueue runs this reader's left-padded Hugging Face batches; a backend that
+    # batches concurrent requests itself (vLLM) sets False, and the wrappers then hand it each call as it comes.
+    queue_batching = True
+
     def __init__(
         self,
         backbone: Backbone,

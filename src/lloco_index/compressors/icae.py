@@ -192,7 +192,9 @@ class ICAECompressor(BaseCompressor):
         super().save_pretrained(directory)
         if self.config.has_reader:
             name = self.reader_adapter_name
-            self.backbone.peft_model.save_pretrained(str(directory / "_peft_tmp"), selected_adapters=[name])
+            # save_embedding_layers=False: see Backbone.adapter_state_dict (the vocabulary is never resized).
+            self.backbone.peft_model.save_pretrained(str(directory / "_peft_tmp"), selected_adapters=[name],
+                                                     save_embedding_layers=False)
             _move_adapter_dir(directory / "_peft_tmp", name, directory / READER_SUBDIR)
 
     @classmethod

@@ -66,6 +66,27 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         instruction_ratio=args.instruction_ratio, checkpoint_every=args.checkpoint_every)
 
 
+def finetune_interrupted(output_dir: Path, config: FinetuneConfig) -> KeyboardInterrupt:
+    """The line a Ctrl-C during ``finetune`` ends with: the checkpoint that is saved, and how to resume from it."""
+    from ..errors import Interrupted
+    from .checkpoint import CheckpointDir
+    from .trainer import TRAINING_SUBDIR
+
+    training = Path(output_dir) / TRAINING_SUBDIR
+    latest = CheckpointDir(training / "checkpoints").latest_name()
+    python = f"from Python: LLoCOFinetuneEngine.resume('{output_dir}').finetune()"
+    if latest is not None:
+        step = int(latest.split("-")[-1])
+        return Interrupted(f"interrupted: the checkpoint of step {step} is saved in {training / 'checkpoints'}; run "
+                           f"the same command again to resume from it ({python}).")
+    if (training / "examples.jsonl").is_file():
+        return Interrupted(f"interrupted before the first checkpoint (every {config.checkpoint_every} steps): the "
+                           f"training examples are saved in {training}; run the same command again to train without "
+                           f"building them again ({python}).")
+    return Interrupted(f"interrupted while building the training examples: nothing is saved yet; run the same "
+                       f"command again to start over.")
+
+
 def run_finetune(args: argparse.Namespace) -> None:
     """Build the examples, train (or resume), print the result as JSON."""
     import torch
@@ -96,11 +117,16 @@ def run_finetune(args: argparse.Namespace) -> None:
         config=config, similarity_top_k=args.top_k, position_budget=args.position_budget,
         use_gold_contexts=not args.no_gold_contexts, instruction_data=args.instruction_data,
         question_llm=llm if generate else None, num_questions_per_chunk=args.questions_per_chunk,
-        max_question_nodes=args.max_question_nodes, expansion_mix=mix, show_progress=not args.no_progress)
-    result = engine.finetune(stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
+        max_question_nodes=args.max_question_nodes, expansion_mix=mix, show_progress=not args.no_progress,
+        persist_dir=args.persist_dir)
+    try:
+        result = engine.finetune(stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        raise finetune_interrupted(output_dir, config) from None
     print(json.dumps(result.metrics(), indent=2))
     if result.finished:
         print(f"adapter saved to {output_dir}; query with: lloco-index query {args.persist_dir} \"...\" "
               f"--adapter {output_dir} --adapter-name {args.adapter_name}")
     else:
-        print(f"stopped at step {result.step}/{result.total_steps}; run the same command again to resume")
+        print(f"stopped at step {result.step}/{result.total_steps}; run the same command again to resume "
+              f"(or, from Python, LLoCOFinetuneEngine.resume('{output_dir}').finetune())")

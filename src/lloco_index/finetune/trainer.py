@@ -300,13 +300,24 @@ class LoRAFinetuner:
         return {"step": 0, "best_step": 0, "best_val_loss": None, "initial_val_loss": None, "bad_evals": 0,
                 "stopped_early": False, "finished": False, "train_seconds": 0.0, "positions": 0, "answer_tokens": 0,
                 "history": [], "data_hash": self.data_hash, "config_hash": self.config.training_hash(),
-                "adapter_name": self.adapter_name}
+                "config": self.config.to_dict(), "adapter_name": self.adapter_name}
 
     def _save_checkpoint(self, state: dict[str, Any], optimizer: torch.optim.Optimizer, best: dict[str, torch.Tensor]) -> None:
         self.checkpoints.save(state["step"], tensors={"adapter": self.adapter_state(), "best_adapter": best},
                               objects={"optimizer": optimizer.state_dict(), "rng": rng_state()}, state=state)
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
+        recorded = state.get("config")
+        if state.get("config_hash") != self.config.training_hash() and recorded is not None:
+            # Name the settings that differ: a pair of hashes tells nobody what to change.
+            theirs = FinetuneConfig.from_dict(recorded)
+            skip = {"checkpoint_every", "dtype"}
+            diff = [f"{k}={v!r} (this call: {getattr(self.config, k)!r})" for k, v in theirs.to_dict().items()
+                    if k not in skip and v != getattr(self.config, k)]
+            raise FinetuneResumeError(
+                f"'{self.output_dir}' holds a finetuning run started with other settings: {', '.join(diff)}. "
+                f"Resume it with those settings (LLoCOFinetuneEngine.resume('{self.output_dir}') reads them from "
+                f"the run), pick another output_dir, or pass overwrite=True to start over.")
         for key, mine in (("data_hash", self.data_hash), ("config_hash", self.config.training_hash()),
                           ("adapter_name", self.adapter_name)):
             if state.get(key) != mine:

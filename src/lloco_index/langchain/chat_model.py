@@ -101,7 +101,7 @@ class ChatLLoCO(BaseChatModel):
     timeout: Optional[float] = Field(default=None, description="Accepted for compatibility; generation is local.")
     max_retries: int = Field(default=0, description="Accepted for compatibility; generation is local.")
     streaming: bool = Field(default=False, description="Use the streaming path for invoke too.")
-    max_batch_size: int = Field(default=1, ge=1, description=(
+    max_batch_size: int = Field(default=defaults.DEFAULT_MAX_BATCH_SIZE, ge=1, description=(
         "Concurrent calls (batch()/abatch(), concurrent ainvoke) answered together in one batched generate call, "
         "up to this many; 1 keeps one call at a time."))
     model_name: Optional[str] = Field(default=None, description="Name reported in metadata (default: the decoder's identity).")
@@ -357,7 +357,7 @@ class ChatLLoCO(BaseChatModel):
         reader = self.reader
         chat = self.to_reader_messages(messages)
         self._inspect(reader, chat)  # unknown placeholders fail here, with the store's message
-        if self.max_batch_size > 1:  # batch() runs this in a thread pool: concurrent calls share batches
+        if self._batches(reader):  # batch() runs this in a thread pool: concurrent calls share batches
             result = self._batching_queue(reader).generate(chat, adapter=options.adapter, max_new_tokens=options.max_new_tokens)
         else:
             result = reader.generate(chat, adapter=options.adapter, max_new_tokens=options.max_new_tokens)
@@ -365,7 +365,7 @@ class ChatLLoCO(BaseChatModel):
 
     async def _agenerate(self, messages: list[BaseMessage], stop: Optional[list[str]] = None,
                          run_manager: Any = None, **kwargs: Any) -> ChatResult:
-        if self.max_batch_size <= 1:
+        if not self._batches(self.reader):
             return await super()._agenerate(messages, stop=stop, run_manager=run_manager, **kwargs)
         options = self._options(stop, kwargs)
         reader = self.reader
@@ -374,6 +374,9 @@ class ChatLLoCO(BaseChatModel):
         result = await self._batching_queue(reader).agenerate(chat, adapter=options.adapter,
                                                                max_new_tokens=options.max_new_tokens)
         return self._chat_result(reader, options, result)
+
+    def _batches(self, reader: SoftPromptReader) -> bool:
+        return self.max_batch_size > 1 and getattr(reader, "queue_batching", False)
 
     def _batching_queue(self, reader: SoftPromptReader):
         with self._init_lock:

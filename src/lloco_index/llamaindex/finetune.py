@@ -53,7 +53,7 @@ from ..finetune.data import (
     split_train_val,
 )
 from ..finetune.examples import Context, build_train_examples, self_teacher
-from ..finetune.trainer import TRAINING_SUBDIR, FinetuneResult, LoRAFinetuner
+from ..finetune.trainer import TRAINING_SUBDIR, FinetuneResult, FinetuneResumeError, LoRAFinetuner
 from ..placeholders import make_placeholder
 from .llm import LLoCOLLM
 from .node_keys import CHUNK_KEY, DOC_KEY, SOFT_PROMPT_KEY, is_compressed
@@ -73,6 +73,10 @@ ANSWER_GEN_TEMPLATE = PromptTemplate(
     "Given the context information and not prior knowledge, answer the query in a short phrase.\n"
     "Query: {query_str}\nAnswer: "
 )
+RUN_SETTINGS_NAME = "run.json"
+# Engine arguments recorded in run.json and given back by LLoCOFinetuneEngine.resume.
+_RUN_SETTINGS = ("adapter_name", "similarity_top_k", "position_budget", "use_gold_contexts", "instruction_data",
+                 "num_questions_per_chunk", "max_question_nodes", "expansion_mix", "teacher")
 _NUMBERING = re.compile(r"^\s*(?:[-*\u2022]|\(?\d+[.):]|Q\d*[.:]|Question\s*\d*[.:])\s*", re.IGNORECASE)
 
 
@@ -163,6 +167,7 @@ class LLoCOFinetuneEngine:
         teacher: Any = "self",
         expansion_mix: Optional[Sequence[int]] = None,
         show_progress: bool = True,
+        persist_dir: Optional[Union[str, Path]] = None,
         **config_overrides: Any,
     ):
         if response_mode != "compact":
@@ -188,6 +193,7 @@ class LLoCOFinetuneEngine:
         if self.expansion_mix is not None and (not self.expansion_mix or min(self.expansion_mix) < 0):
             raise ValueError(f"expansion_mix must list expand_top_k values >= 0, got {expansion_mix!r}.")
         self.show_progress = show_progress
+        self.persist_dir = Path(persist_dir) if persist_dir is not None else None  # recorded so resume() can reopen it
         self.similarity_top_k = similarity_top_k
         self.position_budget = position_budget
 
@@ -223,7 +229,70 @@ class LLoCOFinetuneEngine:
         from .index import load_index
 
         index, store, compressor = load_index(persist_dir)
-        return cls(index, dataset, llm=LLoCOLLM(compressor, store, **(llm_kwargs or {})), **kwargs)
+        return cls(index, dataset, llm=LLoCOLLM(compressor, store, **(llm_kwargs or {})), persist_dir=persist_dir,
+                   **kwargs)
+
+    @classmethod
+    def resume(cls, output_dir: Union[str, Path], dataset: Any = None, **overrides: Any) -> "LLoCOFinetuneEngine":
+        """The engine of the run in ``output_dir`` with the settings it was started with, however it was started
+        (``lloco-index finetune`` or Python): the index's persist dir, the data file, the adapter name, the
+        :class:`FinetuneConfig` and the retrieval settings are read from ``output_dir/training/run.json``.
+
+        >>> engine = LLoCOFinetuneEngine.resume("./storage/adapters/lloco_domain")
+        >>> engine.finetune()                                   # goes on from the last checkpoint
+
+        ``dataset`` is needed only when the run was started with records given in Python; keyword
+        ``overrides`` replace recorded settings (``show_progress=False``, ``teacher=...``).
+        """
+        output_dir = Path(output_dir)
+        path = output_dir / TRAINING_SUBDIR / RUN_SETTINGS_NAME
+        if not path.is_file():
+            raise FinetuneResumeError(
+                f"No finetuning run to resume in '{output_dir}' (no {TRAINING_SUBDIR}/{RUN_SETTINGS_NAME}): pass the "
+                f"output_dir of a run started by `lloco-index finetune` or LLoCOFinetuneEngine.finetune().")
+        settings = json.loads(path.read_text(encoding="utf-8"))
+        if settings.get("persist_dir") is None:
+            raise FinetuneResumeError(
+                f"The run in '{output_dir}' was started on an index held in memory, not a persist dir: build the "
+                f"engine as it was built, LLoCOFinetuneEngine(index, dataset, llm=..., output_dir='{output_dir}', "
+                f"config=...), with the settings in {path}.")
+        generated = output_dir / TRAINING_SUBDIR / "generated_questions.jsonl"
+        data = dataset if dataset is not None else settings.get("dataset")
+        if data is None and generated.is_file():  # questions written by an LLM: resume on the same questions
+            data = generated
+        if data is None:
+            raise FinetuneResumeError(
+                f"The run in '{output_dir}' was started with records given in Python, which it does not keep: pass "
+                f"them again, LLoCOFinetuneEngine.resume('{output_dir}', dataset=records).")
+        kwargs: dict[str, Any] = {k: settings[k] for k in _RUN_SETTINGS if k in settings}
+        kwargs["config"] = FinetuneConfig.from_dict(settings["config"])
+        if settings.get("teacher") not in (None, "self"):
+            kwargs.pop("teacher", None)  # another LLM answered: it cannot be reopened from a name
+        kwargs.update(overrides)
+        llm_kwargs = {k: v for k, v in (settings.get("llm") or {}).items() if v is not None}
+        return cls.from_persist_dir(settings["persist_dir"], data, llm_kwargs=llm_kwargs, output_dir=output_dir,
+                                    **kwargs)
+
+    def _record_run_settings(self, overwrite: bool) -> None:
+        """What :meth:`resume` needs to rebuild this engine, written when the run starts (kept on resume)."""
+        path = self.output_dir / TRAINING_SUBDIR / RUN_SETTINGS_NAME
+        if path.is_file() and not overwrite:
+            return
+
+        def as_path(value: Any) -> Optional[str]:
+            return str(Path(value).resolve()) if isinstance(value, (str, Path)) else None
+
+        settings = {
+            "persist_dir": as_path(self.persist_dir), "dataset": as_path(self.dataset),
+            "adapter_name": self.adapter_name, "config": self.config.to_dict(),
+            "similarity_top_k": self.similarity_top_k, "position_budget": self.position_budget,
+            "use_gold_contexts": self.use_gold_contexts, "instruction_data": as_path(self.instruction_data),
+            "num_questions_per_chunk": self.num_questions_per_chunk, "max_question_nodes": self.max_question_nodes,
+            "expansion_mix": self.expansion_mix,
+            "teacher": self.teacher if self.teacher in (None, "self") else type(self.teacher).__name__,
+            "llm": {"system_prompt": self.llm.system_prompt, "max_new_tokens": self.llm.max_new_tokens},
+        }
+        atomic_write_bytes(path, json.dumps(settings, indent=1).encode())
 
     # ------------------------------------------------------- query path
     @property
@@ -370,7 +439,9 @@ class LLoCOFinetuneEngine:
 
     def finetune(self, *, stop_after_steps: Optional[int] = None, overwrite: bool = False) -> FinetuneResult:
         """Build the examples, train (resuming a checkpoint in ``output_dir``), and save the best adapter."""
-        self.result = self.make_finetuner().train(stop_after_steps=stop_after_steps, overwrite=overwrite)
+        finetuner = self.make_finetuner()
+        self._record_run_settings(overwrite)
+        self.result = finetuner.train(stop_after_steps=stop_after_steps, overwrite=overwrite)
         return self.result
 
     def get_finetuned_model(self, **model_kwargs: Any) -> LLoCOLLM:

@@ -90,7 +90,7 @@ class LLoCOLLM(CustomLLM):
     max_new_tokens: int = Field(default=defaults.DEFAULT_MAX_NEW_TOKENS, description="Tokens to generate per call.")
     context_window: int = Field(default=defaults.DEFAULT_CONTEXT_WINDOW, description="Decoder positions per call.")
     system_prompt: Optional[str] = Field(default=None, description="System prompt added when the messages have none.")
-    max_batch_size: int = Field(default=1, ge=1, description=(
+    max_batch_size: int = Field(default=defaults.DEFAULT_MAX_BATCH_SIZE, ge=1, description=(
         "Concurrent async calls (acomplete/achat) answered together in one batched generate call, up to this many; "
         "1 keeps one call at a time."))
     resolve_placeholders: str = Field(default=RESOLVE_RETRIEVED, description=(
@@ -226,6 +226,9 @@ class LLoCOLLM(CustomLLM):
 
 
     # ------------------------------------------------------ async (batched)
+    def _batches(self) -> bool:
+        return self.max_batch_size > 1 and getattr(self.reader, "queue_batching", False)
+
     def _batching_queue(self):
         # Created on first use; pydantic private attrs are per instance, so each LLM has its own queue.
         if self._batcher is None:
@@ -236,15 +239,16 @@ class LLoCOLLM(CustomLLM):
 
     @llm_completion_callback()
     async def acomplete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
-        """With ``max_batch_size > 1``, concurrent calls (``asyncio.gather``, async query engines) share batches."""
-        if self.max_batch_size <= 1:
+        """With ``max_batch_size > 1`` (the default), concurrent calls (``asyncio.gather``, async query engines)
+        share batches."""
+        if not self._batches():
             return self.complete(prompt, formatted=formatted, **kwargs)
         result = await self._batching_queue().agenerate(self._prompt(prompt), **self._call_kwargs(kwargs))
         return CompletionResponse(text=result.text, additional_kwargs=self._result(result))
 
     @llm_chat_callback()
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
-        if self.max_batch_size <= 1:
+        if not self._batches():
             return self.chat(messages, **kwargs)
         result = await self._batching_queue().agenerate(self._messages(messages), **self._call_kwargs(kwargs))
         return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=result.text),

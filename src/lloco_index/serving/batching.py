@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
+from .. import defaults
 from ..precision import generation_autocast
 from ..prompt_types import GenerationResult, Message, PreparedPrompt
 
 if TYPE_CHECKING:  # pragma: no cover - the reader calls into this module; only its type is named here
     from ..generation import SoftPromptReader
 
-DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_BATCH_SIZE = defaults.DEFAULT_MAX_BATCH_SIZE
 
 
 def left_pad(prepared: Sequence["PreparedPrompt"]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

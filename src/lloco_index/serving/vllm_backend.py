@@ -73,6 +73,8 @@ class VLLMReader(SoftPromptReader):
     budget errors) is the HF reader's own code; ``score_options`` stays on HF.
     """
 
+    queue_batching = False  # vLLM batches concurrent requests itself; the HF batching queue would bypass it
+
     def __init__(self, backbone, store=None, *, engine: Any, adapters: Optional[dict[str, str]] = None,
                  lora_enabled: Optional[bool] = None, **kwargs: Any):
         super().__init__(backbone, store, **kwargs)
