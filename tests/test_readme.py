@@ -28,5 +28,13 @@ def test_langchain_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ./lc-storage goes into a fresh directory
     namespace: dict = {}
     exec(compile(code.replace("chain.invoke(", "answer = chain.invoke("), "README-langchain", "exec"), namespace)
-    assert isinstance(namespace["answer"], str) and namespace["answer"].strip()
     assert (tmp_path / "lc-storage" / "lloco_index.json").is_file()
+    # The chain's answer is the reader's own answer to the prompt built from what the retriever returned.
+    from lloco_index.langchain import ChatLLoCO
+
+    question = "What does the report conclude?"
+    docs = namespace["retriever"].invoke(question)
+    assert any(d.page_content.startswith("<|lloco:") for d in docs)  # soft prompts reach the prompt
+    messages = namespace["prompt"].invoke({"context": namespace["format_docs"](docs), "question": question})
+    expected = ChatLLoCO.from_persist_dir("./lc-storage").invoke(messages).content
+    assert namespace["answer"] == expected and expected.strip()
