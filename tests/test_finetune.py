@@ -26,7 +26,7 @@ from lloco_index.llamaindex import LLoCOFinetuneEngine, LLoCOLLM, LLoCOQueryEngi
 from lloco_index.llamaindex.finetune import parse_questions
 from lloco_index.placeholders import find_ids
 
-from tiny_models import smollm2_tokenizer
+import tiny_models
 
 SEGMENT = 24
 FACTS = [
@@ -61,17 +61,7 @@ def tiny_backbone(identity: str = "tiny-test"):
     initializer_range 0.2 instead of 0.02: with tied 0.02-scale embeddings a 64-wide model's logits cannot
     exceed ~1.3, so no adapter could lower its loss much below log(vocab).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lloco_index.backbone import Backbone
-
-    tokenizer = smollm2_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return Backbone(LlamaForCausalLM(config).eval(), tokenizer, identity)
+    return tiny_models.tiny_backbone(identity=identity, initializer_range=0.2)
 
 
 def make_llm(identity: str = "tiny-test", segment: int = SEGMENT, store=None) -> LLoCOLLM:

@@ -7,11 +7,11 @@ uninterrupted run; a checkpoint write killed midway leaves the previous checkpoi
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
+import tiny_models
 from lloco_index.backbone import Backbone
 from lloco_index.training import checkpoint as ckpt
 from lloco_index.training.data import WindowSampler, make_windows, shorten
@@ -46,26 +46,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    from lloco_index.models import default_decoder_dir
-
-    tok = AutoTokenizer.from_pretrained(str(default_decoder_dir()))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return tiny_models.smollm2_tokenizer()
 
 
 def tiny_backbone(tokenizer) -> Backbone:
     """A fresh 2-layer random LLaMA (same weights every call) with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
-    return Backbone(model, tokenizer, identity="tiny-test-llama")
+    return tiny_models.tiny_backbone(1234, "tiny-test-llama", max_positions=512)
 
 
 @pytest.fixture(scope="module")
