@@ -9,8 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).parents[1] / "README.md"
-SAMPLE = Path(__file__).parents[1] / "src" / "lloco_index" / "sample_corpus"
+README = Path(__file__).parents[2] / "README.md"
+SAMPLE = Path(__file__).parents[2] / "src" / "lloco_index" / "sample_corpus"
 
 
 def _python_block_after(heading: str) -> str:

@@ -20,21 +20,16 @@ from lloco_index.adapters import read_adapter_metadata
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.compressors.token_embedding import TokenEmbeddingConfig
 from lloco_index.errors import AdapterMismatchError
-from lloco_index.finetune import FinetuneConfig, FinetuneResumeError, QAExample, load_qa_examples, split_train_val
+from lloco_index.finetune import FinetuneResumeError, QAExample, load_qa_examples, split_train_val
 from lloco_index.finetune.data import TrainExample, load_instruction_examples, mix_instructions
 from lloco_index.llamaindex import LLoCOFinetuneEngine, LLoCOLLM, LLoCOQueryEngine, build_index
 from lloco_index.llamaindex.finetune import parse_questions
 from lloco_index.placeholders import find_ids
 
 import tiny_models
+from helpers import FACTS, fast_finetune_config as fast_config
 
 SEGMENT = 24
-FACTS = [
-    ("lighthouse", "The lighthouse at Cape Wrath was kept by Ada Quill for forty years. Ships feared the reef below it."),
-    ("bees", "Honey bees of the valley gather nectar from heather. The beekeeper is called Tomas Reed."),
-    ("bicycle", "The first bicycle in the village belonged to Mira Stone. It had wooden wheels and no brakes."),
-    ("volcano", "Mount Karo erupted in the year of the long winter. Its lava reached the fishing harbour."),
-]
 DOCS = [Document(text=f"{text} " + " ".join(f"Line {i} of the {t} notes is filler." for i in range(6)),
                  metadata={"topic": t}) for t, text in FACTS]
 QA = [
@@ -45,14 +40,6 @@ QA = [
     {"question": "Who is the beekeeper?", "answer": "Tomas Reed", "group": "bees"},
     {"question": "What were the bicycle's wheels made of?", "answer": "wood", "group": "bicycle"},
 ]
-
-
-def fast_config(**overrides) -> FinetuneConfig:
-    """Settings that make a 2-layer random model learn in a second: high lr, small batches."""
-    base = dict(lora_r=8, lora_alpha=16, learning_rate=2e-2, epochs=6, micro_batch_size=1, grad_accum_steps=2,
-                val_fraction=0.0, patience=0, checkpoint_every=2, max_target_tokens=16, warmup_ratio=0.0)
-    base.update(overrides)
-    return FinetuneConfig(**base)
 
 
 def tiny_backbone(identity: str = "tiny-test"):
