@@ -178,6 +178,11 @@ def test_resume_after_interruption_is_exact(corpus, qa_file, tmp_path):
     part = interrupted.finetune(stop_after_steps=3)
     assert not part.finished and part.step == 3
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+    # Written as versions before the shared checkpoint module did (torch's generator only, named 'cpu'):
+    # such a run still resumes exactly.
+    checkpoints = tmp_path / "resumed" / "training" / "checkpoints"
+    rng_file = checkpoints / (checkpoints / "LATEST").read_text().strip() / "rng.pt"
+    torch.save({"cpu": torch.load(str(rng_file), weights_only=True)["torch"]}, str(rng_file))
     # A new process: fresh decoder, fresh engine, same command.
     resumed = engine_for(corpus, qa_file, tmp_path / "resumed", config=config).finetune()
     assert resumed.finished and resumed.step == full.step
