@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -104,14 +104,54 @@ class SoftPromptReader:
         return self.store
 
     # -------------------------------------------------------------- inputs
+    def prompt_pieces(self, messages: Sequence[Message]) -> list[Union[list[int], SoftPromptRef]]:
+        """The rendered prompt as the decoder reads it: token ids of each text piece, and placeholder refs.
+
+        :meth:`prepare` embeds these pieces; training builds its inputs from the same pieces, so a
+        compressor and its reader are trained on exactly the prompt a query sends.
+        """
+        out: list[Union[list[int], SoftPromptRef]] = []
+        for piece in split_prompt(self.render(messages)):
+            if isinstance(piece, SoftPromptRef):
+                out.append(piece)
+            else:
+                ids = self.text_ids(piece)
+                if ids:
+                    out.append(ids)
+        return out
+
+    def answer_ids(self, messages: Sequence[Message], answer: str, max_tokens: int) -> list[int]:
+        """Token ids the decoder must produce after the rendered ``messages`` to answer ``answer``.
+
+        The answer as the chat template closes it (for SmolLM2 ``answer + <|im_end|>``: everything the
+        template appends after the generation prompt, up to and including the first end-of-sequence
+        token, where generation stops), cut to ``max_tokens``. The training target of every adapter and
+        compressor trained on queries.
+        """
+        tok = self.backbone.tokenizer
+        eos = tok.eos_token_id
+        prompt = self.render(messages)
+        ids: Optional[list[int]] = None
+        if getattr(tok, "chat_template", None):
+            full_messages = list(messages)
+            if self.system_prompt and not any(m["role"] == "system" for m in full_messages):
+                full_messages = [{"role": "system", "content": self.system_prompt}] + full_messages
+            full = tok.apply_chat_template(full_messages + [{"role": "assistant", "content": answer}], tokenize=False)
+            if full.startswith(prompt):
+                ids = self.text_ids(full[len(prompt):])
+                if eos is not None and eos in ids:
+                    ids = ids[: ids.index(eos) + 1]
+        if ids is None:  # no chat template, or one that rewrites earlier turns: answer + EOS
+            ids = self.text_ids(answer) + ([eos] if eos is not None else [])
+        return ids[:max_tokens]
+
     def prepare(self, messages: Sequence[Message], *, max_new_tokens: Optional[int] = None) -> PreparedPrompt:
         """Build ``inputs_embeds`` for the rendered messages; unknown ids raise UnknownPlaceholderError."""
-        text = self.render(messages)
         table = self.backbone.embedding_table()
         pieces: list[torch.Tensor] = []
         text_positions = soft_positions = 0
         used: list[str] = []
-        for piece in split_prompt(text):
+        for piece in self.prompt_pieces(messages):
             if isinstance(piece, SoftPromptRef):
                 soft = self._store().get(piece).to(device=table.weight.device, dtype=table.weight.dtype)
                 if soft.shape[-1] != table.weight.shape[1]:
@@ -123,11 +163,9 @@ class SoftPromptReader:
                 soft_positions += soft.shape[0]
                 used.append(str(piece))
             else:
-                ids = self.text_ids(piece)
-                if ids:
-                    with torch.no_grad():
-                        pieces.append(table(torch.tensor(ids, device=table.weight.device)))
-                    text_positions += len(ids)
+                with torch.no_grad():
+                    pieces.append(table(torch.tensor(piece, device=table.weight.device)))
+                text_positions += len(piece)
         embeds = torch.cat(pieces, dim=0).unsqueeze(0)
         prepared = PreparedPrompt(embeds, text_positions, soft_positions, used)
         new_tokens = self.new_tokens(max_new_tokens)

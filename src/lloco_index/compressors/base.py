@@ -335,5 +335,9 @@ class BaseCompressor:
     def _load_directory_extras(self, directory: Path) -> None:
         """Load what a compressor keeps beside its weights (the ICAE reader adapter)."""
 
+    def release(self) -> None:
+        """Remove this compressor's adapters from its (shared) backbone; the compressor is unusable after."""
+        self._release()
+
     def _release(self) -> None:
         """Take this compressor's adapters off the backbone (after a refused load)."""

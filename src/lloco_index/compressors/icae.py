@@ -129,6 +129,14 @@ class ICAECompressor(BaseCompressor):
     # ------------------------------------------------------------ encoder
     def encode(self, segments: list[list[int]]) -> list[torch.Tensor]:
         """Differentiable encoder: token-id segments -> soft prompts (used by training and compress)."""
+        return [self.head.projection(p) for p in self.pooled(segments)]
+
+    def pooled(self, segments: list[list[int]]) -> list[torch.Tensor]:
+        """The encoder's pooled states before the projection, one [slots, hidden] tensor per segment.
+
+        With the encoder LoRA frozen these are fixed per segment: training can compute them once and
+        train the projection (and the reader) on the cache, one decoder pass per step.
+        """
         device = self.backbone.device
         emb = self.backbone.embedding_table()
         lengths = [len(s) for s in segments]
@@ -149,10 +157,8 @@ class ICAECompressor(BaseCompressor):
         with self.backbone.using(self.encoder_adapter) as model, autocast(device), _first_layers(model, self.config.pool_layer):
             hidden = model.model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state
         if self.config.pooling == "memory":
-            pooled = [h for h in hidden[:, -self.n_slots :]]
-        else:
-            pooled = [self._mean_windows(h[:n]) for h, n in zip(hidden, lengths)]
-        return [self.head.projection(p) for p in pooled]
+            return [h for h in hidden[:, -self.n_slots :]]
+        return [self._mean_windows(h[:n]) for h, n in zip(hidden, lengths)]
 
     def _mean_windows(self, hidden: torch.Tensor) -> torch.Tensor:
         n = hidden.shape[0]

@@ -84,27 +84,8 @@ class FinetuneResult:
 
 # ------------------------------------------------------------------ targets
 def target_token_ids(reader: SoftPromptReader, messages: Sequence[Message], target: str, max_tokens: int) -> list[int]:
-    """Token ids the model must produce after the rendered prompt: the answer as the chat template closes it.
-
-    For SmolLM2 this is ``answer + <|im_end|>``: everything the template appends after the generation
-    prompt, up to and including the first end-of-sequence token (generation stops there).
-    """
-    tok = reader.backbone.tokenizer
-    eos = tok.eos_token_id
-    prompt = reader.render(messages)
-    ids: Optional[list[int]] = None
-    if getattr(tok, "chat_template", None):
-        full_messages = list(messages)
-        if reader.system_prompt and not any(m["role"] == "system" for m in full_messages):
-            full_messages = [{"role": "system", "content": reader.system_prompt}] + full_messages
-        full = tok.apply_chat_template(full_messages + [{"role": "assistant", "content": target}], tokenize=False)
-        if full.startswith(prompt):
-            ids = reader.text_ids(full[len(prompt):])
-            if eos is not None and eos in ids:
-                ids = ids[: ids.index(eos) + 1]
-    if ids is None:  # no chat template, or one that rewrites earlier turns: answer + EOS
-        ids = reader.text_ids(target) + ([eos] if eos is not None else [])
-    return ids[:max_tokens]
+    """Token ids the model must produce after the rendered prompt (:meth:`SoftPromptReader.answer_ids`)."""
+    return reader.answer_ids(messages, target, max_tokens)
 
 
 @dataclass

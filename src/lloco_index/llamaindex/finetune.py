@@ -231,22 +231,11 @@ class LLoCOFinetuneEngine:
         return self.query_engine.retriever
 
     def query_messages(self, question: str, chunks: Sequence[str]) -> list[dict]:
-        """The chat messages the compact synthesizer sends LLoCOLLM for ``question`` over ``chunks``.
-
-        Replays :class:`CompactAndRefine`: pack the chunks, repack the first pack for the largest prompt,
-        format ``text_qa_template`` (its chat variant, selected for the LLM), extend with the LLM's system
-        prompt -- the first (and with the default budget, only) LLM call of a query.
-        """
-        synth = self.query_engine._response_synthesizer
-        packs = synth._make_compact_text_chunks(question, [c for c in chunks if c.strip()])
-        if len(packs) > 1:
+        """The chat messages the compact synthesizer sends LLoCOLLM for ``question`` over ``chunks``."""
+        messages, packs = synthesizer_messages(self.query_engine._response_synthesizer, self.llm, question, chunks)
+        if packs > 1:
             self._multi_pack += 1  # refine calls follow at query time; the example is the first call
-        max_prompt = get_biggest_prompt([synth._text_qa_template, synth._refine_template])
-        # No chunks: the same template with an empty context (a closed-book line in the query's own format).
-        first = synth._prompt_helper.repack(max_prompt, [packs[0]], llm=synth._llm,
-                                            padding=synth._response_padding_size)[0] if packs else ""
-        prompt = synth._text_qa_template.partial_format(query_str=question)
-        return self.llm._raw_messages(self.llm._get_messages(prompt, context_str=first))  # training data, not user text
+        return messages
 
     def retrieve_contexts(self, question: str, expand_top_k: Optional[int] = None) -> list[Context]:
         """The contexts a query for ``question`` reads (with ``expand_top_k`` instead of the retriever's own)."""
@@ -396,6 +385,41 @@ class LLoCOFinetuneEngine:
         kwargs = {"max_new_tokens": self.llm.max_new_tokens, "system_prompt": self.llm.system_prompt,
                   "context_window": self.llm.context_window, **model_kwargs, "adapter": self.adapter_name}
         return LLoCOLLM(self.llm.compressor, self.llm.store, **kwargs)
+
+
+def synthesizer_messages(synth, llm: LLoCOLLM, question: str, chunks: Sequence[str]) -> tuple[list[dict], int]:
+    """The first LLM call of a compact synthesizer's answer to ``question`` over ``chunks``, and its pack count.
+
+    Replays :class:`CompactAndRefine`: pack the chunks, repack the first pack for the largest prompt,
+    format ``text_qa_template`` (its chat variant, selected for the LLM), extend with the LLM's system
+    prompt -- the first (and with the default budget, only) LLM call of a query.
+    """
+    packs = synth._make_compact_text_chunks(question, [c for c in chunks if c.strip()])
+    max_prompt = get_biggest_prompt([synth._text_qa_template, synth._refine_template])
+    # No chunks: the same template with an empty context (a closed-book line in the query's own format).
+    first = synth._prompt_helper.repack(max_prompt, [packs[0]], llm=synth._llm,
+                                        padding=synth._response_padding_size)[0] if packs else ""
+    prompt = synth._text_qa_template.partial_format(query_str=question)
+    return llm._raw_messages(llm._get_messages(prompt, context_str=first)), len(packs)  # training data, not user text
+
+
+def text_qa_messages_fn(llm: Optional[LLoCOLLM] = None):
+    """``messages_for(question, chunks)`` in the prompt ``LLoCOQueryEngine`` sends by default (compact mode,
+    LlamaIndex's default text-QA template), for :mod:`lloco_index.training.query_data`.
+
+    ``llm`` sets the system prompt and window; default: an ``LLoCOLLM`` on the shipped compressor.
+    """
+    from llama_index.core import get_response_synthesizer
+
+    from ..compressors import load_compressor
+
+    llm = llm or LLoCOLLM(load_compressor())
+    synth = get_response_synthesizer(llm=llm, response_mode="compact")
+
+    def messages_for(question: str, chunks: Sequence[str]) -> list[dict]:
+        return synthesizer_messages(synth, llm, question, chunks)[0]
+
+    return messages_for
 
 
 def _node_text(node: BaseNode) -> str:

@@ -64,6 +64,15 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--objectives", type=_objectives, default=d.objectives, help='e.g. "lm=0.4,kl=0.4,ae=0.2"')
     g.add_argument("--continuation-length", type=int, default=d.continuation_length, help="tokens after the segment that the lm/kl objectives predict")
     g.add_argument("--qa-file", default=None, help="JSONL QA examples for the qa objective")
+    g.add_argument("--distill-file", default=None, help="query-shaped examples for the distill objective "
+                   "(python -m lloco_index.training.query_data --split train --out FILE)")
+    g.add_argument("--teacher", default=d.teacher, help="distill teacher reading the text: init_reader (frozen "
+                   "copy of --init-from's reader), base (no adapter) or an adapter directory")
+    g.add_argument("--distill-kl", type=float, default=d.distill_kl, help="weight of KL(teacher||student) on answer tokens")
+    g.add_argument("--distill-ce", type=float, default=d.distill_ce, help="weight of the gold answer's cross-entropy")
+    g.add_argument("--distill-hidden", type=float, default=d.distill_hidden, help="weight of the hidden-state distance")
+    g.add_argument("--freeze-encoder-steps", type=int, default=d.freeze_encoder_steps,
+                   help="projector warm-up: steps with the encoder frozen and its features cached")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="windows per forward pass")
@@ -88,6 +97,9 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--compressor", default=None, help="compressor directory for --eval-only (default: shipped)")
     g.add_argument("--data", default=None, help="held-out text file for --eval-only (.txt, or .jsonl with 'text')")
     g.add_argument("--qa", type=int, default=0, help="--eval-only: number of SQuAD test questions to answer")
+    g.add_argument("--eval-query", default=None, metavar="FILE", help="--eval-only/--export: query-shaped test "
+                   "examples (query_data --split test) answered through the query path")
+    g.add_argument("--eval-query-n", type=int, default=150, help="how many of --eval-query's examples to answer")
     g.add_argument("--export", default=None, metavar="RUN_DIR", help="export RUN_DIR's newest checkpoint to --out")
     g.add_argument("--out", default=None, help="output compressor directory for --export")
     g.add_argument("--export-step", type=int, default=None, help="checkpoint step to export (default: newest)")
@@ -107,7 +119,9 @@ def config_from_args(args: argparse.Namespace):
         chunks_curriculum=args.chunks_curriculum, pooling=args.pooling, segment_length=args.segment_length,
         n_slots=args.n_slots, pool_layer=args.pool_layer, lora_r=args.lora_r, init_projection=args.init_projection,
         init_from=args.init_from, reader=not args.frozen_decoder, reader_r=args.reader_r, objectives=args.objectives,
-        continuation_length=args.continuation_length, qa_file=args.qa_file, steps=args.steps,
+        continuation_length=args.continuation_length, qa_file=args.qa_file, distill_file=args.distill_file,
+        teacher=args.teacher, distill_kl=args.distill_kl, distill_ce=args.distill_ce, distill_hidden=args.distill_hidden,
+        freeze_encoder_steps=args.freeze_encoder_steps, steps=args.steps,
         batch_size=args.batch_size, grad_accum_steps=args.grad_accum, learning_rate=args.lr, reader_lr=args.reader_lr,
         head_lr=args.head_lr, warmup_steps=args.warmup_steps, lr_schedule=args.schedule,
         gradient_checkpointing=args.gradient_checkpointing, segment_curriculum=args.segment_curriculum,
@@ -125,7 +139,7 @@ def config_from_args(args: argparse.Namespace):
         if key not in base or explicit:
             base[key] = value
     base = {k: v for k, v in base.items() if v is not None or k in ("decoder", "pool_layer", "init_from",
-                                                                   "qa_file", "reader_lr", "threads",
+                                                                   "qa_file", "distill_file", "reader_lr", "threads",
                                                                    "eval_segment_length")}
     return PretrainConfig(**base)
 
@@ -175,6 +189,7 @@ def _export(args: argparse.Namespace) -> int:
     qa = squad_test_qa(backbone, args.data_dir, args.qa, compressor.segment_length) if args.qa else None
     metrics = evaluate_compressor(compressor, windows, reader_adapter=compressor.reader_adapter, qa=qa)
     metrics["eval_windows"] = float(len(windows))
+    metrics.update(_query_path_eval(args, compressor))
     print(json.dumps(metrics, indent=2))
     # Record the measurement in the shipped config too (``extra`` does not change the fingerprint).
     compressor.config.extra["eval"] = metrics
@@ -187,6 +202,17 @@ def _export(args: argparse.Namespace) -> int:
                             extra_notes=_read_notes(args.notes), machine=state.get("machine"))
     print(f"wrote {card}")
     return 0
+
+
+def _query_path_eval(args: argparse.Namespace, compressor) -> dict[str, float]:
+    """``--eval-query``: the first ``--eval-query-n`` examples answered through the query path (``query_*`` keys)."""
+    if not args.eval_query:
+        return {}
+    from .evaluate import evaluate_query_path
+    from .query_data import load_query_examples
+
+    examples = load_query_examples(args.eval_query)[: args.eval_query_n]
+    return {f"query_{k}": v for k, v in evaluate_query_path(compressor, examples, progress=True).items()}
 
 
 def _read_notes(path: Optional[str]) -> str:
@@ -205,6 +231,7 @@ def _eval_only(args: argparse.Namespace) -> int:
                                64, documents=documents)
     qa = squad_test_qa(backbone, args.data_dir, args.qa, compressor.segment_length) if args.qa else None
     metrics = evaluate_compressor(compressor, windows, reader_adapter=compressor.reader_adapter, qa=qa)
+    metrics.update(_query_path_eval(args, compressor))
     print(json.dumps({"compressor": compressor.fingerprint, "windows": len(windows), **metrics}, indent=2))
     return 0
 

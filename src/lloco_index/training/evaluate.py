@@ -173,3 +173,61 @@ def squad_test_qa(backbone, data_dir, n: int, segment_length: int) -> list[QAExa
         return pool
     step = len(pool) / n
     return [pool[int(i * step)] for i in range(n)]
+
+
+def _with_ids(messages: Sequence[dict], ids: dict[str, str]) -> list[dict]:
+    """``messages`` with each example-local placeholder ``cJ`` replaced by a store id's placeholder."""
+    from ..placeholders import PLACEHOLDER_RE, make_placeholder
+
+    return [{**m, "content": PLACEHOLDER_RE.sub(lambda g: make_placeholder(ids[g.group(1)]), m["content"])} for m in messages]
+
+
+@torch.no_grad()
+def evaluate_query_path(compressor, examples: Sequence, *, max_new_tokens: int = 24, shuffled: bool = True,
+                        base_lines: bool = False, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+    """Answers to query-shaped examples (:mod:`.query_data`) through the query path, with the reader's own lines.
+
+    The soft chunks are compressed into a :class:`SoftPromptStore` and read back through
+    :class:`SoftPromptReader` (placeholders resolved by the store, the reader adapter on), exactly as a
+    query reads them. Lines, all with the reader adapter: ``soft`` (the example's prompt), ``full`` (every
+    chunk as text), ``closed`` (no context), and ``shuffled`` (another example's soft prompts: what the
+    soft prompt carries about *this* question). ``base_lines`` adds ``full_base``/``closed_base`` (no adapter).
+    ``qa_normalised_f1_reader = (soft - closed) / (full - closed)``: the share of the text's gain that the
+    soft prompts deliver.
+    """
+    from ..generation import SoftPromptReader
+    from ..store import SoftPromptStore
+    from .query_data import chunk_ref
+
+    examples = list(examples)
+    store = SoftPromptStore.for_compressor(compressor)
+    reader = SoftPromptReader(compressor.backbone, store, compressor=compressor, adapter="auto")
+    texts = sorted({ex.chunks[j] for ex in examples for j in ex.soft_chunks})
+    id_of = dict(zip(texts, store.add(texts, compressor, progress=progress))) if texts else {}
+    prompts: dict[str, list[dict]] = {}
+    for ex in examples:
+        prompts.setdefault("soft", []).append(_with_ids(ex.messages, {chunk_ref(j): id_of[ex.chunks[j]] for j in ex.soft_chunks}))
+        prompts.setdefault("full", []).append(ex.teacher_messages)
+        prompts.setdefault("closed", []).append(ex.closed_messages)
+    if shuffled and len(examples) > 1:
+        order = _derangement(len(examples))
+        for ex, other in zip(examples, (examples[k] for k in order)):
+            other_ids = [id_of[other.chunks[j]] for j in other.soft_chunks] or list(id_of.values())[:1]
+            ids = {chunk_ref(j): other_ids[i % len(other_ids)] for i, j in enumerate(ex.soft_chunks)}
+            prompts.setdefault("shuffled", []).append(_with_ids(ex.messages, ids))
+    runs = [(name, "auto") for name in prompts]
+    if base_lines:
+        runs += [("full_base", None), ("closed_base", None)]
+    out: dict[str, float] = {}
+    for name, adapter in runs:
+        batch = prompts[name.replace("_base", "")]
+        answers = reader.generate_batch(batch, adapter=adapter, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        out[f"qa_{name}_em"] = sum(exact_match(a.text, ex.answers) for a, ex in zip(answers, examples)) / len(examples)
+        out[f"qa_{name}_f1"] = sum(f1_score(a.text, ex.answers) for a, ex in zip(answers, examples)) / len(examples)
+        if name == "soft":
+            out["soft_positions"] = sum(a.prompt.soft_positions for a in answers) / len(examples)
+            out["positions"] = sum(a.prompt.positions for a in answers) / len(examples)
+    gap = out["qa_full_f1"] - out["qa_closed_f1"]
+    out["qa_normalised_f1_reader"] = (out["qa_soft_f1"] - out["qa_closed_f1"]) / gap if gap > 0 else float("nan")
+    out["qa_n"] = float(len(examples))
+    return out

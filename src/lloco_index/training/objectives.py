@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from ..precision import autocast
 from .data import QAExample, Window
 
-OBJECTIVES = ("ae", "lm", "kl", "qa", "ac")
+OBJECTIVES = ("ae", "lm", "kl", "qa", "ac", "distill")  # "distill": .query_loss
 AE_PROMPT = "\nThe text above, repeated word for word:\n"
 QA_SYSTEM = "Answer the question using the context. Reply with a short answer."
 CONTEXT_SENTINEL = "\x00CONTEXT\x00"  # split point where the soft prompt goes in the chat template

@@ -29,6 +29,7 @@ from .. import defaults
 from ..backbone import Backbone
 from ..compressors.autocompressor import AutoCompressor, AutoCompressorConfig
 from ..compressors.icae import ICAECompressor, ICAEConfig
+from ..generation import SoftPromptReader
 from ..models import select_device
 from . import checkpoint as ckpt
 from .data import (
@@ -46,6 +47,8 @@ from .data import (
 from .evaluate import evaluate_compressor, held_out_windows
 from .model_card import describe_machine
 from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
+from .query_data import load_query_examples
+from .query_loss import DistillWeights, chunk_segments, distill_loss
 from .recursive import recursive_lm_loss, split_segments
 from .loop import AfterStep, StepStats, TrainLoop
 from .schedule import check_schedule
@@ -86,6 +89,17 @@ class PretrainConfig:
     continuation_length: int = 128
     qa_file: Optional[str] = None  # JSONL of QA examples for "qa" (default: SQuAD train gold answers)
     kl_temperature: float = 1.0
+    # "distill" (query-path distillation, .query_loss): query-shaped examples written by .query_data
+    distill_file: Optional[str] = None
+    # Who the compressed reader learns from, reading the text: "init_reader" (a frozen copy of --init-from's
+    # reader adapter), "base" (the decoder without adapters), or an adapter directory.
+    teacher: str = "init_reader"
+    distill_kl: float = 1.0  # weight of KL(teacher || student) on the answer tokens
+    distill_ce: float = 0.5  # weight of the gold answer's cross-entropy
+    distill_hidden: float = 0.0  # weight of the last-hidden-state distance on the answer tokens
+    # Projector warm-up: for the first N steps the encoder LoRA is frozen and each segment's pooled features
+    # are computed once and cached, so a step costs one decoder pass (the projection and reader train).
+    freeze_encoder_steps: int = 0
     # --- optimisation
     steps: int = 1000
     batch_size: int = 4
@@ -134,6 +148,16 @@ class PretrainConfig:
         if self.method == "icae" and uses_ac:
             raise ValueError("The 'ac' objective (next-token loss over accumulated summaries) trains AutoCompressor "
                              "compressors only: pass --method autocompressor, or drop 'ac' from --objectives.")
+        if self.objectives.get("distill", 0) > 0:
+            if self.method != "icae":
+                raise ValueError("The 'distill' objective trains ICAE-style compressors only (--method icae).")
+            if not self.distill_file:
+                raise ValueError("The 'distill' objective needs --distill-file: query-shaped examples written by "
+                                 "'python -m lloco_index.training.query_data --split train --out FILE'.")
+            if self.teacher == "init_reader" and not (self.init_from and (Path(self.init_from) / "reader").is_dir()):
+                raise ValueError("--teacher init_reader distils from the reader adapter of --init-from, but "
+                                 f"{self.init_from or 'no --init-from'} has no reader/ directory: pass --init-from "
+                                 "a compressor with a reader, or --teacher base, or --teacher ADAPTER_DIR.")
         if self.method == "autocompressor":
             if self.slots_curriculum or self.init_from or not self.reader:
                 raise ValueError("--method autocompressor trains one LoRA that writes and reads its summaries, with a "
@@ -141,6 +165,11 @@ class PretrainConfig:
                                  "--frozen-decoder.")
             if self.ac_segments < 1 or any(v < 1 for _, v in self.chunks_curriculum):
                 raise ValueError("--ac-segments and --chunks-curriculum need at least 1 segment per example.")
+
+    @property
+    def uses_windows(self) -> bool:
+        """Whether an objective reads token windows of the training text ("qa" and "distill" bring their own data)."""
+        return any(w > 0 for k, w in self.objectives.items() if k not in ("qa", "distill"))
 
     @property
     def max_segments(self) -> int:
@@ -200,6 +229,24 @@ def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompress
     return compressor
 
 
+TEACHER_ADAPTER = "lloco_teacher"
+
+
+def teacher_adapter(config: PretrainConfig) -> Optional[str]:
+    """The adapter the ``distill`` teacher reads with (``None``: the plain decoder)."""
+    return None if config.teacher == "base" else TEACHER_ADAPTER
+
+
+def _add_teacher(config: PretrainConfig, backbone: Backbone) -> None:
+    """Load the distillation teacher's adapter, frozen: it is rebuilt from its source on every (re)start."""
+    if config.teacher == "base":
+        return
+    source = Path(config.init_from) / "reader" if config.teacher == "init_reader" else Path(config.teacher)
+    if backbone.has_adapter(TEACHER_ADAPTER):
+        backbone.delete_adapter(TEACHER_ADAPTER)
+    backbone.load_adapter(source, TEACHER_ADAPTER)
+
+
 def _build_autocompressor(config: PretrainConfig, backbone: Backbone) -> AutoCompressor:
     """An AutoCompressor whose summaries are written and read by the decoder + one trainable LoRA."""
     from peft import LoraConfig
@@ -238,7 +285,7 @@ def fit_projection_lstsq(compressor: ICAECompressor, segments: list[list[int]]) 
         xs, ys = [], []
         for seg in segments:
             with torch.no_grad():
-                hidden = _pooled_hidden(compressor, [seg])[0]
+                hidden = compressor.pooled([seg])[0]
             x = hidden.float()
             xs.append(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + proj.eps))
             ys.append(backbone.embed_ids(torch.tensor(seg)).float())  # as the decoder sees them (Gemma scales)
@@ -254,17 +301,6 @@ def fit_projection_lstsq(compressor: ICAECompressor, segments: list[list[int]]) 
         compressor.config.n_slots = saved_slots
     compressor.invalidate_fingerprint()
     return residual
-
-
-def _pooled_hidden(compressor: ICAECompressor, segments: list[list[int]]) -> list[torch.Tensor]:
-    """The encoder's pooled states before the projection (the projection temporarily made the identity)."""
-    proj = compressor.head.projection
-    original = proj.forward
-    proj.forward = lambda h: h  # type: ignore[method-assign]
-    try:
-        return compressor.encode(segments)
-    finally:
-        proj.forward = original  # type: ignore[method-assign]
 
 
 def make_optimizer(config: PretrainConfig, compressor: ICAECompressor | AutoCompressor) -> torch.optim.Optimizer:
@@ -305,6 +341,22 @@ def load_trainable_state(compressor: ICAECompressor | AutoCompressor, state: dic
 
 
 # ---------------------------------------------------------------------- loop
+class FeatureCache:
+    """Pooled encoder features per (segment, ratio), computed once while the encoder is frozen."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def pooled(self, compressor: ICAECompressor, segments: list[list[int]]) -> list[torch.Tensor]:
+        keys = [(compressor.config.n_slots, tuple(s)) for s in segments]
+        missing = list({k: s for k, s in zip(keys, segments) if k not in self._cache}.items())
+        if missing:
+            with torch.no_grad():
+                for (key, _), p in zip(missing, compressor.pooled([s for _, s in missing])):
+                    self._cache[key] = p.detach()
+        return [self._cache[k] for k in keys]
+
+
 def _log(run_dir: Path, record: dict[str, Any]) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -324,6 +376,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     """
     config.check()
     docs = eval_docs = None
+    if not config.uses_windows:
+        windows = [Window([], [], 0)] * max(1, config.batch_size * config.grad_accum_steps)  # they only pace the sampler
     if windows is None:  # read the data first: a missing data set must not leave an empty run dir behind
         if config.text:
             docs = load_text_documents(config.text)
@@ -347,6 +401,11 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
         eval_windows = held_out_windows(backbone, config.data_dir, config.eval_windows,
                                         config.eval_segment_length or config.segment_length,
                                         config.eval_continuation_length, documents=eval_docs)
+    distill_pool = None
+    if mix.weights.get("distill", 0) > 0:
+        distill_pool = load_query_examples(config.distill_file)
+        if not distill_pool:
+            raise ValueError(f"{config.distill_file} holds no examples.")
     qa_pool = None
     if mix.weights.get("qa", 0) > 0:
         qa_pool = load_qa_jsonl(config.qa_file) if config.qa_file else load_squad_qa(
@@ -354,6 +413,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
 
     torch.manual_seed(config.seed)  # LoRA initialisation; a resume overwrites weights and RNG anyway
     compressor = build_compressor(config, backbone)
+    if distill_pool is not None:
+        _add_teacher(config, backbone)
     sampler = WindowSampler(windows, config.batch_size * config.grad_accum_steps, seed=config.seed)
     optimizer = make_optimizer(config, compressor)
     loop = TrainLoop(optimizer, total_steps=config.steps, warmup_steps=config.warmup_steps,
@@ -411,6 +472,14 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     end = config.steps if stop_after is None else min(config.steps, step + stop_after)
     tokens_seen, t0 = 0, time.perf_counter()
     is_ac = config.method == "autocompressor"
+    reader = SoftPromptReader(backbone, compressor=compressor)  # the query path's prompt preparation
+    weights = DistillWeights(config.distill_kl, config.distill_ce, config.distill_hidden, config.kl_temperature)
+    features = FeatureCache()
+
+    def encode(segments: list[list[int]], step: int) -> list[torch.Tensor]:
+        if step < config.freeze_encoder_steps and not is_ac:
+            return [compressor.head.projection(p) for p in features.pooled(compressor, segments)]
+        return compressor.encode(segments)
 
     def train_step(step: int) -> dict[str, Any]:
         """The gradients of optimizer step ``step``: the mean over micro-batches of their token-averaged loss."""
@@ -426,9 +495,11 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
             raw = batch[micro * config.batch_size : (micro + 1) * config.batch_size]
             chunk = [shorten(w, seg_len, config.continuation_length) for w in raw]
             names = mix.sample(rng, len(chunk))
-            examples, recursive = [], []
+            examples, recursive, queries = [], [], []
             for name, w, full in zip(names, chunk, raw):
-                if name == "qa":
+                if name == "distill":
+                    queries.append(distill_pool[rng.randrange(len(distill_pool))])
+                elif name == "qa":
                     qa = qa_pool[rng.randrange(len(qa_pool))]
                     examples.append(builder.qa_example(qa, seg_len))
                 elif name == "ac":
@@ -437,12 +508,23 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                     examples.append(builder.window_example(name, w))
             loss, n_scored = None, 0
             if examples:
-                soft = compressor.encode([e.segment for e in examples])
+                soft = encode([e.segment for e in examples], step)
                 report = mixed_loss(backbone, compressor.reader_adapter, examples, soft, config.kl_temperature)
                 loss, n_scored = report.loss * report.n_target_tokens, report.n_target_tokens
                 for k, v in report.per_objective.items():
                     parts.setdefault(k, []).append(v)
                 tokens_seen += sum(len(e.segment) + len(e.target_ids) for e in examples)
+            if queries:
+                segments = [chunk_segments(reader, q, seg_len) for q in queries]
+                flat = iter(encode([seg for segs in segments for seg in segs], step))
+                drep = distill_loss(reader, queries, [[next(flat) for _ in segs] for segs in segments],
+                                    student_adapter=compressor.reader_adapter, teacher_adapter=teacher_adapter(config),
+                                    weights=weights)
+                loss = drep.loss_sum if loss is None else loss + drep.loss_sum
+                n_scored += drep.n_tokens
+                for k, v in drep.parts.items():
+                    parts.setdefault(f"distill_{k}", []).append(v)
+                tokens_seen += sum(len(seg) for segs in segments for seg in segs)
             if recursive:
                 with backbone.using(compressor.writer_adapter):
                     ac_loss, n_ac = recursive_lm_loss(compressor, recursive)
@@ -452,8 +534,8 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                 tokens_seen += sum(len(seg) for segments in recursive for seg in segments)
             if n_scored == 0:
                 continue  # nothing scorable (e.g. one-token segments): no gradient from this micro-batch
-            # Token-averaged over every objective in the micro-batch (without 'ac' exactly mixed_loss's mean).
-            loss = report.loss if not recursive else loss / n_scored
+            # Token-averaged over every objective in the micro-batch (without 'ac'/'distill' exactly mixed_loss's mean).
+            loss = loss / n_scored
             (loss / config.grad_accum_steps).backward()
             loss_sum += float(loss.detach()) / config.grad_accum_steps
         return {"loss": loss_sum, "parts": parts, "seg_len": seg_len, "n_chunks": n_chunks}
