@@ -17,7 +17,7 @@
 # against the shipped compressor on the same held-out questions, export of the best with its model
 # card) and leaves results.json, the log and the compressor folder (as pieces under 15 MiB, the limit
 # of what comes back) in $OUT. Arguments after `device` go to the recipe. The tests run `device` on a
-# tiny decoder with pieces of a small file (tests/test_query_distill.py).
+# tiny decoder with pieces of a small file (tests/unit/training/test_query_distill.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-from tiny_models import smollm2_tokenizer  # the lead's shared tokenizer cache
+from tiny_models import smollm2_tokenizer, tiny_llama
 
 CORPUS = [
     ("The Eiffel Tower was completed in 1889 for the World's Fair in Paris. It is 330 metres tall and was "
@@ -44,18 +44,10 @@ def _never_generate_ids() -> tuple[int, ...]:
 
 def make_tiny_backbone(seed: int = 0, identity: str = "tiny-test"):
     """A 2-layer, 64-wide random LLaMA wrapped as a Backbone (fast enough for many generations)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from lloco_index.backbone import Backbone
 
     tokenizer = smollm2_tokenizer()
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(seed, tie_word_embeddings=False)
     with torch.no_grad():
         # Zero logits for these tokens: the rest (random, ~N(0, 0.16)) always has a positive maximum.
         model.lm_head.weight[list(_never_generate_ids())] = 0.0

@@ -22,15 +22,23 @@ def smollm2_tokenizer():
     return tokenizer
 
 
-def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, max_positions: int = 2048):
+def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, max_positions: int = 2048, *,
+               tie_word_embeddings: bool = True, initializer_range: float = 0.02, special_tokens: bool = True):
+    """The one tiny random LLaMA of the tests (4 heads, 2 KV heads), on SmolLM2's vocabulary.
+
+    ``initializer_range`` 0.2 gives a 64-wide model logits that an adapter can move (at 0.02, tied
+    embeddings keep them under ~1.3); ``special_tokens=False`` leaves bos/eos/pad at LlamaConfig's
+    defaults (no padding row zeroed), the model some tests were calibrated on.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = smollm2_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id) if special_tokens else {}
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings, initializer_range=initializer_range, **ids,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -38,7 +46,7 @@ def tiny_llama(seed: int = 0, hidden: int = 64, layers: int = 2, max_positions: 
 
 
 def tiny_backbone(seed: int = 0, identity: str = "tiny-test", **kwargs) -> Backbone:
-    """A fresh Backbone (its own model, so adapters never leak between tests)."""
+    """A fresh Backbone (its own model, so adapters never leak between tests); ``kwargs`` go to :func:`tiny_llama`."""
     return Backbone(tiny_llama(seed, **kwargs), smollm2_tokenizer(), identity)
 
 

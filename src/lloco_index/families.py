@@ -4,7 +4,7 @@ What the package needs from a decoder: an input-embedding module (text and soft 
 embeddings), an inner ``.model`` decoder with a ``.layers`` list that it runs over
 ``layers[: config.num_hidden_layers]`` (the ICAE encoder stops early by lowering that count), and the
 projection names the LoRA adapters target. Each family listed here passes the tiny-config suite in
-``tests/test_families.py`` (compress, splice, generate, stream, pretrain, finetune, save/load and the
+``tests/unit/families/test_families.py`` (compress, splice, generate, stream, pretrain, finetune, save/load and the
 identity-compressor parity); a family outside the list is refused before anything is trained on it.
 """
 

@@ -1,7 +1,7 @@
 """vLLM as the generation backend: prompt embeddings (soft prompts spliced in) + one LoRA request per query.
 
 UNTESTED IN THIS REPOSITORY'S CI: vLLM needs CUDA; the parity test
-(tests/test_scale_vllm.py) runs only where a GPU and vLLM are present and is
+(tests/unit/serving/test_scale_vllm.py) runs only where a GPU and vLLM are present and is
 skipped, visibly, elsewhere. Written against vLLM's documented API:
 
 - ``LLM(model=..., enable_prompt_embeds=True, enable_lora=True, max_lora_rank=...)``;

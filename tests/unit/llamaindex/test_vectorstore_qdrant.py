@@ -20,7 +20,7 @@ pytest.importorskip("llama_index.vector_stores.qdrant", reason="the `vectorstore
 
 from lloco_index.errors import StoreMismatchError  # noqa: E402
 
-from test_scale_vectorstores import DOCS  # noqa: E402
+from helpers import DOCS  # noqa: E402
 
 QUESTION = "What do bees make?"
 COLLECTION = "lloco_test"
@@ -90,7 +90,7 @@ def test_qdrant_local_index_reopens_in_a_new_process(tmp_path):
     assert read_manifest(persist_dir)["vector_store"] == "QdrantVectorStore"
 
     here = _run_here(persist_dir, qdrant_dir)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]),
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[3] / "src"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", REOPEN, str(persist_dir), str(qdrant_dir), COLLECTION, QUESTION],
                           capture_output=True, text=True, env=env, timeout=300)

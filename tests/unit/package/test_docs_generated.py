@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("mkdocs", reason="the `docs` extra is not installed")
 
-HOOK = Path(__file__).parents[1] / "docs" / "hooks" / "generated.py"
+HOOK = Path(__file__).parents[3] / "docs" / "hooks" / "generated.py"
 
 
 def _hook():

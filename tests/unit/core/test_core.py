@@ -22,6 +22,8 @@ from lloco_index.precision import generation_autocast
 from lloco_index.placeholders import SoftPromptRef, find_ids, make_placeholder, split_prompt
 from lloco_index.store import SoftPromptStore
 
+from helpers import greedy_plain as _greedy_plain
+
 TEXT = ("The lighthouse at Alexandria was built around 280 BC. It stood for centuries. "
         "Later towers used oil lamps and mirrors to throw light far out to sea. ") * 6
 
@@ -288,14 +290,6 @@ def test_in_memory_store_persists(backbone, tmp_path):
 
 
 # ------------------------------------------------------------------------ reader
-def _greedy_plain(backbone, text, max_new_tokens):
-    ids = backbone.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-    with torch.inference_mode(), generation_autocast():
-        out = backbone.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                           do_sample=False, pad_token_id=backbone.tokenizer.pad_token_id)
-    return backbone.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
-
-
 def test_identity_compressor_matches_plain_model(backbone, tmp_path):
     comp = TokenEmbeddingCompressor(backbone)
     store = SoftPromptStore.open(tmp_path, comp)

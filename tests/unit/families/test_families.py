@@ -21,10 +21,8 @@ from lloco_index.generation import SoftPromptReader
 from lloco_index.placeholders import make_placeholder
 from lloco_index.store import SoftPromptStore
 
-from test_core import _greedy_plain
-from test_finetune import FACTS, fast_config
-from test_training import TEXT
-from test_training import config as pretrain_config
+from helpers import FACTS, PROSE as TEXT, greedy_plain as _greedy_plain, pretrain_config
+from helpers import fast_finetune_config as fast_config
 from tiny_models import FAMILIES, smollm2_tokenizer, tiny_family_backbone
 
 CHUNKS = ["The tower was finished in 1889.", "Its designer was Gustave Eiffel, an engineer from Dijon."]

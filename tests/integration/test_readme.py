@@ -9,8 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-README = Path(__file__).parents[1] / "README.md"
-SAMPLE = Path(__file__).parents[1] / "src" / "lloco_index" / "sample_corpus"
+README = Path(__file__).parents[2] / "README.md"
+SAMPLE = Path(__file__).parents[2] / "src" / "lloco_index" / "sample_corpus"
 
 
 def _python_block_after(heading: str) -> str:
@@ -28,5 +28,13 @@ def test_langchain_snippet_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # ./lc-storage goes into a fresh directory
     namespace: dict = {}
     exec(compile(code.replace("chain.invoke(", "answer = chain.invoke("), "README-langchain", "exec"), namespace)
-    assert isinstance(namespace["answer"], str) and namespace["answer"].strip()
     assert (tmp_path / "lc-storage" / "lloco_index.json").is_file()
+    # The chain's answer is the reader's own answer to the prompt built from what the retriever returned.
+    from lloco_index.langchain import ChatLLoCO
+
+    question = "What does the report conclude?"
+    docs = namespace["retriever"].invoke(question)
+    assert any(d.page_content.startswith("<|lloco:") for d in docs)  # soft prompts reach the prompt
+    messages = namespace["prompt"].invoke({"context": namespace["format_docs"](docs), "question": question})
+    expected = ChatLLoCO.from_persist_dir("./lc-storage").invoke(messages).content
+    assert namespace["answer"] == expected and expected.strip()

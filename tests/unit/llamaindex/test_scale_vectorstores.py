@@ -7,7 +7,7 @@ store only has to hold node embeddings and return nodes: the retriever and the L
 from __future__ import annotations
 
 import pytest
-from llama_index.core import Document, VectorStoreIndex
+from llama_index.core import VectorStoreIndex
 from llama_index.core.vector_stores import SimpleVectorStore
 
 from lloco_index.compressors import TokenEmbeddingCompressor
@@ -16,8 +16,7 @@ from lloco_index.llamaindex import LLoCOLLM, LLoCONodeParser, LLoCOQueryEngine, 
 from lloco_index.llamaindex.node_keys import ID_KEY
 from lloco_index.placeholders import find_ids
 
-TOPICS = ["lighthouses guide ships with lamps", "bees make honey from nectar", "bicycles have two wheels and pedals"]
-DOCS = [Document(text=" ".join(f"Fact {i}: {t}." for i in range(12)), metadata={"title": t}) for t in TOPICS]
+from helpers import DOCS  # shared with the Qdrant test
 
 
 @pytest.fixture(scope="module")

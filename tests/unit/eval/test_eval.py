@@ -173,19 +173,9 @@ def test_missing_data_file_names_the_fix(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_backbone():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import tiny_backbone
 
-    from lloco_index.backbone import Backbone
-    from lloco_index.models import load_decoder
-
-    tokenizer = load_decoder().tokenizer
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).eval()
-    return Backbone(model, tokenizer, identity="tiny-test")
+    return tiny_backbone(special_tokens=False)
 
 
 def test_quick_suite_smoke_on_tiny_model(tmp_path, tiny_backbone, monkeypatch):

@@ -243,7 +243,7 @@ def test_gpu_recipe_script_device_stage(examples, tmp_path):
     import sys
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[3]
     decoder, train, test, args = _tiny_recipe_inputs(examples, tmp_path)
     gpu = tmp_path / "gpu"
     blob = os.urandom(3000)

@@ -320,8 +320,9 @@ def test_chain_on_smollm2_with_identity_compressor_equals_plain_model(smollm2, t
     text = tokenizer.apply_chat_template(llm.to_reader_messages(prompt.to_messages()), tokenize=False,
                                          add_generation_prompt=True)
     input_ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
-    with torch.inference_mode(), generation_autocast(smollm2.device):
-        out = smollm2.base_model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+    # using(None): the plain weights even when an earlier test loaded adapters into the shared decoder.
+    with smollm2.using(None) as model, torch.inference_mode(), generation_autocast(smollm2.device):
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                           max_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                           eos_token_id=tokenizer.eos_token_id)
     plain = tokenizer.decode(out[0, input_ids.shape[1]:], skip_special_tokens=True).strip()

@@ -20,21 +20,16 @@ from lloco_index.adapters import read_adapter_metadata
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.compressors.token_embedding import TokenEmbeddingConfig
 from lloco_index.errors import AdapterMismatchError
-from lloco_index.finetune import FinetuneConfig, FinetuneResumeError, QAExample, load_qa_examples, split_train_val
+from lloco_index.finetune import FinetuneResumeError, QAExample, load_qa_examples, split_train_val
 from lloco_index.finetune.data import TrainExample, load_instruction_examples, mix_instructions
 from lloco_index.llamaindex import LLoCOFinetuneEngine, LLoCOLLM, LLoCOQueryEngine, build_index
 from lloco_index.llamaindex.finetune import parse_questions
 from lloco_index.placeholders import find_ids
 
-from tiny_models import smollm2_tokenizer
+import tiny_models
+from helpers import FACTS, fast_finetune_config as fast_config
 
 SEGMENT = 24
-FACTS = [
-    ("lighthouse", "The lighthouse at Cape Wrath was kept by Ada Quill for forty years. Ships feared the reef below it."),
-    ("bees", "Honey bees of the valley gather nectar from heather. The beekeeper is called Tomas Reed."),
-    ("bicycle", "The first bicycle in the village belonged to Mira Stone. It had wooden wheels and no brakes."),
-    ("volcano", "Mount Karo erupted in the year of the long winter. Its lava reached the fishing harbour."),
-]
 DOCS = [Document(text=f"{text} " + " ".join(f"Line {i} of the {t} notes is filler." for i in range(6)),
                  metadata={"topic": t}) for t, text in FACTS]
 QA = [
@@ -47,31 +42,13 @@ QA = [
 ]
 
 
-def fast_config(**overrides) -> FinetuneConfig:
-    """Settings that make a 2-layer random model learn in a second: high lr, small batches."""
-    base = dict(lora_r=8, lora_alpha=16, learning_rate=2e-2, epochs=6, micro_batch_size=1, grad_accum_steps=2,
-                val_fraction=0.0, patience=0, checkpoint_every=2, max_target_tokens=16, warmup_ratio=0.0)
-    base.update(overrides)
-    return FinetuneConfig(**base)
-
-
 def tiny_backbone(identity: str = "tiny-test"):
     """A tiny random LLaMA (hidden 64, 2 layers, 4 heads) on SmolLM2's tokenizer.
 
     initializer_range 0.2 instead of 0.02: with tied 0.02-scale embeddings a 64-wide model's logits cannot
     exceed ~1.3, so no adapter could lower its loss much below log(vocab).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lloco_index.backbone import Backbone
-
-    tokenizer = smollm2_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         initializer_range=0.2, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    return Backbone(LlamaForCausalLM(config).eval(), tokenizer, identity)
+    return tiny_models.tiny_backbone(identity=identity, initializer_range=0.2)
 
 
 def make_llm(identity: str = "tiny-test", segment: int = SEGMENT, store=None) -> LLoCOLLM:
@@ -201,6 +178,11 @@ def test_resume_after_interruption_is_exact(corpus, qa_file, tmp_path):
     part = interrupted.finetune(stop_after_steps=3)
     assert not part.finished and part.step == 3
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+    # Written as versions before the shared checkpoint module did (torch's generator only, named 'cpu'):
+    # such a run still resumes exactly.
+    checkpoints = tmp_path / "resumed" / "training" / "checkpoints"
+    rng_file = checkpoints / (checkpoints / "LATEST").read_text().strip() / "rng.pt"
+    torch.save({"cpu": torch.load(str(rng_file), weights_only=True)["torch"]}, str(rng_file))
     # A new process: fresh decoder, fresh engine, same command.
     resumed = engine_for(corpus, qa_file, tmp_path / "resumed", config=config).finetune()
     assert resumed.finished and resumed.step == full.step

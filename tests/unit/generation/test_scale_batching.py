@@ -31,7 +31,7 @@ from lloco_index.generation import SoftPromptReader
 from lloco_index.placeholders import make_placeholder
 from lloco_index.serving.batching import BatchingQueue, generate_prepared_batch, left_pad
 from lloco_index.store import SoftPromptStore
-from tiny_models import smollm2_tokenizer
+from tiny_models import smollm2_tokenizer, tiny_llama
 
 CHUNKS = [
     "The tower was finished in 1889.",
@@ -42,16 +42,8 @@ CHUNKS = [
 
 
 def varied_backbone(seed: int = 0) -> Backbone:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tok = smollm2_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False, initializer_range=0.2,
-    )
-    torch.manual_seed(seed)
-    return Backbone(LlamaForCausalLM(config).eval().double(), tok, f"tiny-varied-{seed}")
+    model = tiny_llama(seed, tie_word_embeddings=False, initializer_range=0.2).double()
+    return Backbone(model, smollm2_tokenizer(), f"tiny-varied-{seed}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -7,32 +7,19 @@ uninterrupted run; a checkpoint write killed midway leaves the previous checkpoi
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
+import tiny_models
+from helpers import PROSE as TEXT
+from helpers import pretrain_config as config
 from lloco_index.backbone import Backbone
 from lloco_index.training import checkpoint as ckpt
 from lloco_index.training.data import WindowSampler, make_windows, shorten
 from lloco_index.training.evaluate import evaluate_compressor
 from lloco_index.training.pretrain import PretrainConfig, pretrain, trainable_state
 
-# Real prose (the opening of the SQuAD "Normans" article's style of text, written for this test).
-TEXT = (
-    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
-    "France. They were descended from Norse raiders and pirates from Denmark, Iceland and Norway who, under "
-    "their leader Rollo, agreed to swear fealty to King Charles III of West Francia. Through generations of "
-    "assimilation and mixing with the native Frankish and Roman-Gaulish populations, their descendants would "
-    "gradually merge with the Carolingian-based cultures of West Francia. The distinct cultural and ethnic "
-    "identity of the Normans emerged initially in the first half of the 10th century, and it continued to "
-    "evolve over the succeeding centuries. The Norman dynasty had a major political, cultural and military "
-    "impact on medieval Europe and even the Near East. The Normans were famed for their martial spirit and "
-    "eventually for their Christian piety, becoming exponents of the Catholic orthodoxy into which they "
-    "assimilated. They adopted the Gallo-Romance language of the Frankish land they settled, their dialect "
-    "becoming known as Norman, an important literary language. The Duchy of Normandy, which they formed by "
-    "treaty with the French crown, was a great fief of medieval France."
-)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,41 +33,18 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    from lloco_index.models import default_decoder_dir
-
-    tok = AutoTokenizer.from_pretrained(str(default_decoder_dir()))
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return tok
+    return tiny_models.smollm2_tokenizer()
 
 
 def tiny_backbone(tokenizer) -> Backbone:
     """A fresh 2-layer random LLaMA (same weights every call) with SmolLM2's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1234)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config).eval()
-    return Backbone(model, tokenizer, identity="tiny-test-llama")
+    return tiny_models.tiny_backbone(1234, "tiny-test-llama", max_positions=512)
 
 
 @pytest.fixture(scope="module")
 def windows(tokenizer):
     ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
     return make_windows([ids, ids[7:]], segment_length=32, continuation_length=16)
-
-
-def config(tmp_path, **kw) -> PretrainConfig:
-    base = dict(run_dir=str(tmp_path), segment_length=32, n_slots=8, pool_layer=1, lora_r=4, lora_alpha=8,
-                reader_r=4, reader_alpha=8, continuation_length=16, batch_size=2, learning_rate=3e-3, head_lr=1e-2,
-                warmup_steps=1, steps=6, checkpoint_every=3, eval_every=0, seed=0,
-                objectives={"lm": 1.0, "kl": 1.0, "ae": 1.0})
-    base.update(kw)
-    return PretrainConfig(**base)
 
 
 def test_loss_goes_down(tmp_path, tokenizer, windows):

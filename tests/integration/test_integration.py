@@ -25,9 +25,10 @@ def squad_docs(data_dir):
 
 def _plain_greedy(backbone, ids: list[int], max_new_tokens: int) -> str:
     ids = torch.tensor([ids])
-    with torch.inference_mode(), generation_autocast():
-        out = backbone.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                           max_new_tokens=max_new_tokens, pad_token_id=backbone.tokenizer.pad_token_id)
+    # using(None): the plain weights even when an earlier test loaded adapters into the shared decoder.
+    with backbone.using(None) as model, torch.inference_mode(), generation_autocast():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=backbone.tokenizer.pad_token_id)
     return backbone.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
