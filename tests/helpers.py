@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import tiny_models
 from llama_index.core import Document
 
 from lloco_index.finetune import FinetuneConfig
@@ -62,3 +63,44 @@ def greedy_plain(backbone, text, max_new_tokens):
 # Three one-topic documents for the vector-store tests.
 TOPICS = ["lighthouses guide ships with lamps", "bees make honey from nectar", "bicycles have two wheels and pedals"]
 DOCS = [Document(text=" ".join(f"Fact {i}: {t}." for i in range(12)), metadata={"title": t}) for t in TOPICS]
+
+
+# Finetuning tests (unit/finetune, unit/cli): four topics, six questions, a tiny model whose adapters can learn.
+FINETUNE_SEGMENT = 24
+FINETUNE_DOCS = [Document(text=f"{text} " + " ".join(f"Line {i} of the {t} notes is filler." for i in range(6)),
+                 metadata={"topic": t}) for t, text in FACTS]
+FINETUNE_QA = [
+    {"question": "Who kept the lighthouse at Cape Wrath?", "answer": "Ada Quill", "group": "lighthouse"},
+    {"question": "What do the valley bees gather?", "answer": "nectar from heather", "group": "bees"},
+    {"question": "Who owned the first bicycle?", "answer": "Mira Stone", "group": "bicycle"},
+    {"question": "Where did the lava of Mount Karo reach?", "answer": "the fishing harbour", "group": "volcano"},
+    {"question": "Who is the beekeeper?", "answer": "Tomas Reed", "group": "bees"},
+    {"question": "What were the bicycle's wheels made of?", "answer": "wood", "group": "bicycle"},
+]
+
+
+def finetune_backbone(identity: str = "tiny-test"):
+    """A tiny random LLaMA (hidden 64, 2 layers, 4 heads) on SmolLM2's tokenizer.
+
+    initializer_range 0.2 instead of 0.02: with tied 0.02-scale embeddings a 64-wide model's logits cannot
+    exceed ~1.3, so no adapter could lower its loss much below log(vocab).
+    """
+    return tiny_models.tiny_backbone(identity=identity, initializer_range=0.2)
+
+
+def cli_storage(tmp_path):
+    """A persisted index of a tiny decoder saved to disk (what `lloco-index compress` leaves behind)."""
+    from lloco_index.backbone import Backbone
+    from lloco_index.compressors import TokenEmbeddingCompressor, TokenEmbeddingConfig
+    from lloco_index.llamaindex import build_index
+    from lloco_index.llamaindex import default_embed_model
+
+    model_dir = tmp_path / "tiny-model"
+    source = finetune_backbone()
+    source.base_model.save_pretrained(str(model_dir))
+    source.tokenizer.save_pretrained(str(model_dir))
+    backbone = Backbone.load(model_dir)
+    compressor = TokenEmbeddingCompressor(backbone, TokenEmbeddingConfig(segment_length=FINETUNE_SEGMENT,
+                                                                         base_model=backbone.identity))
+    build_index(FINETUNE_DOCS, compressor, persist_dir=tmp_path / "storage", embed_model=default_embed_model())
+    return tmp_path / "storage"

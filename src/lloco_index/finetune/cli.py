@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def finetune_interrupted(output_dir: Path, config: FinetuneConfig) -> KeyboardInterrupt:
     """The line a Ctrl-C during ``finetune`` ends with: the checkpoint that is saved, and how to resume from it."""
     from ..errors import Interrupted
-    from .checkpoint import CheckpointDir
+    from ..training.checkpoint import CheckpointDir
     from .trainer import TRAINING_SUBDIR
 
     training = Path(output_dir) / TRAINING_SUBDIR

@@ -112,3 +112,24 @@ def distill_loss(reader: SoftPromptReader, examples: Sequence[QueryExample], sof
     if weights.hidden:
         parts["hidden"] = float(hidden.detach().mean())
     return DistillReport(per_token.sum(), int(target.numel()), parts)
+
+
+@torch.no_grad()
+def held_out_distill_loss(compressor, examples: Sequence[QueryExample], *, teacher_adapter: Optional[str],
+                          weights: Optional[DistillWeights] = None, batch_size: int = 4) -> dict[str, float]:
+    """Per-token ``distill`` losses on held-out examples, teacher-forced (no generation: cheap enough for
+    every checkpoint). ``kl`` is what the compressed reader still misses of the teacher reading the text."""
+    weights = weights or DistillWeights()
+    reader = SoftPromptReader(compressor.backbone, compressor=compressor)
+    sums: dict[str, float] = {}
+    tokens = 0
+    for i in range(0, len(examples), batch_size):
+        batch = list(examples[i : i + batch_size])
+        segments = [chunk_segments(reader, ex, compressor.segment_length) for ex in batch]
+        soft = [compressor.encode(segs) if segs else [] for segs in segments]
+        report = distill_loss(reader, batch, soft, student_adapter=compressor.reader_adapter,
+                              teacher_adapter=teacher_adapter, weights=weights)
+        for k, v in report.parts.items():
+            sums[k] = sums.get(k, 0.0) + v * report.n_tokens
+        tokens += report.n_tokens
+    return {f"heldout_{k}": v / max(tokens, 1) for k, v in sums.items()} | {"heldout_tokens": float(tokens)}

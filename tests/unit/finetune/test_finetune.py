@@ -29,26 +29,8 @@ from lloco_index.placeholders import find_ids
 import tiny_models
 from helpers import FACTS, fast_finetune_config as fast_config
 
-SEGMENT = 24
-DOCS = [Document(text=f"{text} " + " ".join(f"Line {i} of the {t} notes is filler." for i in range(6)),
-                 metadata={"topic": t}) for t, text in FACTS]
-QA = [
-    {"question": "Who kept the lighthouse at Cape Wrath?", "answer": "Ada Quill", "group": "lighthouse"},
-    {"question": "What do the valley bees gather?", "answer": "nectar from heather", "group": "bees"},
-    {"question": "Who owned the first bicycle?", "answer": "Mira Stone", "group": "bicycle"},
-    {"question": "Where did the lava of Mount Karo reach?", "answer": "the fishing harbour", "group": "volcano"},
-    {"question": "Who is the beekeeper?", "answer": "Tomas Reed", "group": "bees"},
-    {"question": "What were the bicycle's wheels made of?", "answer": "wood", "group": "bicycle"},
-]
-
-
-def tiny_backbone(identity: str = "tiny-test"):
-    """A tiny random LLaMA (hidden 64, 2 layers, 4 heads) on SmolLM2's tokenizer.
-
-    initializer_range 0.2 instead of 0.02: with tied 0.02-scale embeddings a 64-wide model's logits cannot
-    exceed ~1.3, so no adapter could lower its loss much below log(vocab).
-    """
-    return tiny_models.tiny_backbone(identity=identity, initializer_range=0.2)
+from helpers import FINETUNE_DOCS as DOCS, FINETUNE_QA as QA, FINETUNE_SEGMENT as SEGMENT
+from helpers import cli_storage as _cli_storage, finetune_backbone as tiny_backbone
 
 
 def make_llm(identity: str = "tiny-test", segment: int = SEGMENT, store=None) -> LLoCOLLM:
@@ -386,22 +368,6 @@ def test_expansion_mix_trains_on_text_soft_and_mixed_contexts(corpus, tmp_path):
     assert [e.messages for e in again.build_examples()[0]] == [e.messages for e in train]  # a stable pick per question
     with pytest.raises(ValueError, match="expansion_mix must list expand_top_k values >= 0"):
         engine_for(corpus, QA, tmp_path / "bad", expansion_mix=(-1,))
-
-
-def _cli_storage(tmp_path):
-    """A persisted index of a tiny decoder saved to disk (what `lloco-index compress` leaves behind)."""
-    from lloco_index.backbone import Backbone
-    from lloco_index.llamaindex import default_embed_model
-
-    model_dir = tmp_path / "tiny-model"
-    source = tiny_backbone()
-    source.base_model.save_pretrained(str(model_dir))
-    source.tokenizer.save_pretrained(str(model_dir))
-    backbone = Backbone.load(model_dir)
-    compressor = TokenEmbeddingCompressor(backbone, TokenEmbeddingConfig(segment_length=SEGMENT,
-                                                                         base_model=backbone.identity))
-    build_index(DOCS, compressor, persist_dir=tmp_path / "storage", embed_model=default_embed_model())
-    return tmp_path / "storage"
 
 
 def test_cli_finetune_resumes_from_python(tmp_path, qa_file):

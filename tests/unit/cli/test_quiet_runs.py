@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 
-from test_finetune import DOCS, QA, SEGMENT, fast_config, tiny_backbone
+from helpers import FINETUNE_DOCS as DOCS, FINETUNE_QA as QA, FINETUNE_SEGMENT as SEGMENT
+from helpers import fast_finetune_config as fast_config, finetune_backbone as tiny_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -124,9 +125,9 @@ def test_ctrl_c_in_finetune_says_which_checkpoint_is_saved(tmp_path, capsys, qa_
     from lloco_index.cli import main
     from lloco_index.finetune import LoRAFinetuner
 
-    from test_finetune import _cli_storage
+    from helpers import cli_storage
 
-    storage = _cli_storage(tmp_path)
+    storage = cli_storage(tmp_path)
     out = tmp_path / "adapter"
     argv = ["finetune", str(storage), str(qa_file), "--output-dir", str(out), "--epochs", "1", "--grad-accum", "2",
             "--val-fraction", "0", "--checkpoint-every", "1", "--no-progress"]
