@@ -361,3 +361,14 @@ def test_rag_cut_reads_the_hybrids_positions_and_rag_top1_one_chunk(tmp_path, ti
     # Same positions as the hybrid, give or take a token merged at the template's join; all of them text.
     assert abs(cut["positions"] - hybrid["positions"]) <= 2 and cut["soft_positions"] == 0
     assert hybrid["soft_positions"] > 0 and cut["positions"] < by["rag"]["positions"]
+
+
+def test_needle_recall_by_length_averages_the_depths_of_each_length():
+    from lloco_index.eval.report import needle_by_length
+
+    def q(system, length, recall):
+        return {"task": "needle", "system": system, "metadata": {"length": length, "depth": 0.5}, "scores": {"recall": recall}}
+
+    rows = needle_by_length([q("a", 1024, 1.0), q("a", 1024, 0.0), q("a", 4096, 0.5), q("b", 1024, 1.0),
+                             {"task": "extractive", "system": "a", "metadata": {}, "scores": {}}])
+    assert rows == {"a": {1024: (0.5, 2), 4096: (0.5, 1)}, "b": {1024: (1.0, 1)}}

@@ -155,6 +155,15 @@ def compression_table(documents: list[dict], questions: list[dict]) -> list[dict
     return rows
 
 
+def needle_by_length(questions: list[dict]) -> dict[str, dict[int, tuple[float, int]]]:
+    """system -> haystack length -> (mean recall over its depths, questions)."""
+    cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in questions:
+        if r.get("task") == "needle" and "length" in (r.get("metadata") or {}):
+            cells[r["system"]][r["metadata"]["length"]].append(r["scores"]["recall"])
+    return {s: {l: (statistics.fmean(v), len(v)) for l, v in row.items()} for s, row in cells.items()}
+
+
 def identity_check(questions: list[dict]) -> Optional[tuple[int, int]]:
     """How often lloco[token_embedding] gave exactly the text-RAG answer (it should: same chunks, same vectors)."""
     rag = {(r["dataset"], r["example_id"]): r["prediction"] for r in questions if r["system"] == "rag"}
@@ -212,6 +221,18 @@ def markdown(run: Optional[dict], questions: list[dict], documents: list[dict], 
                      _fmt(a["compress_s"], 2), _fmt(a["assemble_s"]), _fmt(a["prefill_s"], 2), _fmt(a["decode_s"], 2),
                      _fmt(a["total_s"], 2), _fmt(a.get("speedup"), 2), _fmt(a.get("prefill_speedup"), 2), _fmt(a["peak_rss_mb"], 0), str(a["truncated"]), _fmt(a["load"], 1)]
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    needle = needle_by_length(questions)
+    if needle:
+        lengths = sorted({l for row in needle.values() for l in row})
+        lines += ["## needle recall by haystack length", "",
+                  "Mean recall over the depths at each length (questions per cell in brackets); the target is 0.7 at every length up to 32k.", "",
+                  "| system | " + " | ".join(f"{l // 1024}k" if l >= 1024 else str(l) for l in lengths) + " | lowest |",
+                  "|---|" + "---|" * (len(lengths) + 1)]
+        for name in sorted(needle, key=_system_sort_key):
+            row = needle[name]
+            cells = [f"{row[l][0]:.3f} ({row[l][1]})" if l in row else "–" for l in lengths]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {min(v[0] for v in row.values()):.3f} |")
         lines.append("")
     comp = compression_table(documents, questions)
     if comp:
