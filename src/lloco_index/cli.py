@@ -11,9 +11,19 @@ from typing import Optional, Sequence
 from . import defaults
 
 
+def _check_expand_top_k(value: int) -> None:
+    """Refused before any model loads (tens of seconds), with what the valid values do."""
+    from .errors import InputError
+
+    if value < 0:
+        raise InputError(f"--expand-top-k must be 0 or more (got {value}): 0 reads soft prompts only, and a value "
+                         f"above --top-k reads every retrieved chunk as text.")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
+    _check_expand_top_k(args.expand_top_k)
     run_demo(args.persist_dir, max_questions=args.questions, top_k=args.top_k, compare_full=not args.no_compare,
              expand_top_k=args.expand_top_k)
 
@@ -91,6 +101,7 @@ def _check_query_args(args: argparse.Namespace) -> None:
         raise InputError(f"--top-k must be at least 1 (got {args.top_k}): it is how many chunks to retrieve.")
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens}): it bounds the answer's length.")
+    _check_expand_top_k(args.expand_top_k)
     if not args.persist_dir.is_dir():
         raise InputError(
             f"No persist dir at '{args.persist_dir}'. Build it first: `lloco-index compress DIR --persist-dir "

@@ -40,6 +40,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-questions", type=int, default=None, help="SQuAD questions per article (default: the suite's)")
     parser.add_argument("--expand-top-k", type=int, nargs="+", default=[],
                         help="add hybrid<n> systems: the lloco systems with the n best chunks read as text")
+    parser.add_argument("--rag-top-k", type=int, nargs="+", default=[],
+                        help="add rag_top<n> systems: text RAG on the n best chunks (with rag in --systems)")
+    parser.add_argument("--rag-cut", action="store_true",
+                        help="add rag_cut<n> systems: text RAG cut to the positions hybrid<n> read on the same question")
+    parser.add_argument("--same-reader", action="store_true",
+                        help="text systems (closed book, full context, text RAG) read with the reader adapter of the "
+                             "compressor under test, as the lloco systems do; their names end in +reader")
     parser.add_argument("--tag", default=None, help="name of the result files (default: the suite)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the table and plots from an existing results file")
     return parser
@@ -71,6 +78,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             decoder=args.decoder, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             llmlingua_rate=args.llmlingua_rate, peer_max_examples=args.peer_max_examples,
             tag=args.tag or (args.suite if not overridden else f"{args.suite}-custom"), expand_top_k=args.expand_top_k,
+            rag_top_k=args.rag_top_k, rag_cut=args.rag_cut, same_reader=args.same_reader,
         )
     for key in ("results", "table"):
         if key in summary:

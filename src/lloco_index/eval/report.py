@@ -22,7 +22,13 @@ from .metrics import PRIMARY_METRIC, normalized_score
 PathLike = Union[str, Path]
 METRIC_COLUMNS = {"mc": ["accuracy", "accuracy_loglik"], "extractive": ["em", "f1", "rouge_l"],
                   "abstractive": ["rouge_l"], "needle": ["recall", "rouge_l"]}
-SYSTEM_ORDER = ["closed_book", "full_context", "rag", "llmlingua"]
+SYSTEM_ORDER = ["closed_book", "closed_book+reader", "full_context", "full_context+reader", "rag", "rag+reader", "llmlingua"]
+
+
+def baseline(systems, kind: str):
+    """The ``closed_book`` or ``full_context`` row the others are compared with: the one that reads with the
+    compressor's reader adapter when the run has it (the same adapter as the lloco systems), else the plain one."""
+    return systems.get(kind + "+reader") or systems.get(kind)
 
 
 def read_records(path: PathLike) -> list[dict]:
@@ -96,7 +102,7 @@ def summarize(questions: list[dict]) -> dict[str, dict[str, dict]]:
             out[dataset][system] = agg
     # Normalised score of the primary metric, on each system's own questions.
     for dataset, systems in out.items():
-        closed, full = systems.get("closed_book"), systems.get("full_context")
+        closed, full = baseline(systems, "closed_book"), baseline(systems, "full_context")
         for agg in systems.values():
             metric = PRIMARY_METRIC.get(agg["task"])
             agg["normalized"] = (normalized_score(agg[metric], closed[metric], full[metric])
@@ -117,6 +123,7 @@ def compression_table(documents: list[dict], questions: list[dict]) -> list[dict
     by_doc_system: dict[tuple, list[float]] = defaultdict(list)
     for r in questions:
         by_doc_system[(r["dataset"], r["document_id"], r["system"])].append(r["latency"]["total_s"])
+    full_name = "full_context+reader" if any(r["system"] == "full_context+reader" for r in questions) else "full_context"
     lloco_systems = defaultdict(set)
     for r in questions:
         if r.get("system_kind") == "lloco" and r.get("fingerprint"):
@@ -134,18 +141,27 @@ def compression_table(documents: list[dict], questions: list[dict]) -> list[dict
                "ratio": sum(d["source_tokens"] for d in docs) / max(sum(d["soft_positions"] for d in docs), 1)}
         systems = sorted(s for s in lloco_systems.get(fingerprint, ()) if "+adapter" not in s)
         system = systems[0] if systems else None
-        for baseline in ("full_context", "llmlingua"):
+        for column, base_name in (("full_context", full_name), ("llmlingua", "llmlingua")):
             values = []
             for d in docs:
-                base = by_doc_system.get((d["dataset"], d["document_id"], baseline))
+                base = by_doc_system.get((d["dataset"], d["document_id"], base_name))
                 mine = by_doc_system.get((d["dataset"], d["document_id"], system)) if system else None
                 if not base or not mine:
                     continue
                 saving = statistics.fmean(base) - statistics.fmean(mine)
                 values.append(d["compress_s"] / saving if saving > 0 else math.inf)
-            row[f"break_even_vs_{baseline}"] = statistics.median(values) if values else None
+            row[f"break_even_vs_{column}"] = statistics.median(values) if values else None
         rows.append(row)
     return rows
+
+
+def needle_by_length(questions: list[dict]) -> dict[str, dict[int, tuple[float, int]]]:
+    """system -> haystack length -> (mean recall over its depths, questions)."""
+    cells: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in questions:
+        if r.get("task") == "needle" and "length" in (r.get("metadata") or {}):
+            cells[r["system"]][r["metadata"]["length"]].append(r["scores"]["recall"])
+    return {s: {l: (statistics.fmean(v), len(v)) for l, v in row.items()} for s, row in cells.items()}
 
 
 def identity_check(questions: list[dict]) -> Optional[tuple[int, int]]:
@@ -175,6 +191,10 @@ def markdown(run: Optional[dict], questions: list[dict], documents: list[dict], 
                          f"{c['segment_length']} tokens; {c['note']}.")
         if run.get("adapter"):
             lines.append(f"- Finetuned adapter: `{run['adapter']}`.")
+        if run.get("text_reader"):
+            lines.append(f"- Text systems (`+reader`) read with the reader adapter of `{run['text_reader']}`, as the lloco "
+                         f"and hybrid systems do; `rag_top<n>` reads the best n chunks, `rag_cut<n>` the text of the best "
+                         f"chunks cut to the positions `hybrid<n>` read on the same question.")
         if run.get("llmlingua"):
             info = run["llmlingua"]
             limit = run.get("peer_max_examples")
@@ -202,6 +222,18 @@ def markdown(run: Optional[dict], questions: list[dict], documents: list[dict], 
                      _fmt(a["total_s"], 2), _fmt(a.get("speedup"), 2), _fmt(a.get("prefill_speedup"), 2), _fmt(a["peak_rss_mb"], 0), str(a["truncated"]), _fmt(a["load"], 1)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    needle = needle_by_length(questions)
+    if needle:
+        lengths = sorted({l for row in needle.values() for l in row})
+        lines += ["## needle recall by haystack length", "",
+                  "Mean recall over the depths at each length (questions per cell in brackets); the target is 0.7 at every length up to 32k.", "",
+                  "| system | " + " | ".join(f"{l // 1024}k" if l >= 1024 else str(l) for l in lengths) + " | lowest |",
+                  "|---|" + "---|" * (len(lengths) + 1)]
+        for name in sorted(needle, key=_system_sort_key):
+            row = needle[name]
+            cells = [f"{row[l][0]:.3f} ({row[l][1]})" if l in row else "–" for l in lengths]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {min(v[0] for v in row.values()):.3f} |")
+        lines.append("")
     comp = compression_table(documents, questions)
     if comp:
         lines += ["## One-off compression and break-even", "",
@@ -218,7 +250,7 @@ def markdown(run: Optional[dict], questions: list[dict], documents: list[dict], 
                   f"(same chunks as token embeddings instead of text; a difference means the chunk text tokenised inside the prompt "
                   f"differs at a chunk boundary from the chunk tokenised alone: compare the two rows' positions).", ""]
     lines += ["Columns: `positions` = decoder input positions (template + context + question); `x fewer` and `speed-up` "
-              "are against `full_context` on the same dataset; `total s` = retrieve + compress + assemble + prefill "
+              "are against `full_context` (its `+reader` row when the run has one) on the same dataset; `total s` = retrieve + compress + assemble + prefill "
               "(to the first token) + decode; `normalised` = (system − closed book) / (full context − closed book) on "
               "the primary metric; `truncated` = questions whose document was cut to the window; `load avg` = the machine's "
               "1-minute load average at the end of each answer (other jobs on a shared machine stretch latencies); "

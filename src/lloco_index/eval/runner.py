@@ -35,8 +35,8 @@ from .peers import LLMLinguaPeer, PeerUnavailable
 from .retrieval import ChunkIndex, load_embedder
 from ..selection import Candidate, SelectionConfig, select
 from .systems import (
-    BASE_SYSTEMS, CHUNK_SEPARATOR, SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_LLMLINGUA, SYSTEM_LLOCO, SYSTEM_RAG,
-    PeakRSS, build_messages, option_texts, plan_full_context, timed_generate,
+    BASE_SYSTEMS, CHUNK_SEPARATOR, READER_SUFFIX, SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_LLMLINGUA, SYSTEM_LLOCO,
+    SYSTEM_RAG, PeakRSS, build_messages, fill_text_budget, option_texts, plan_full_context, timed_generate,
 )
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,8 @@ class ResultLog:
                         self.records.append(json.loads(line))
                     except json.JSONDecodeError:
                         logger.warning("skipping a torn line in %s (an interrupted write)", path)
-        self.done = {self.key(r) for r in self.records if r.get("type") == "question"}
+        self.answers = {self.key(r): r for r in self.records if r.get("type") == "question"}
+        self.done = set(self.answers)
         self.documents = {(r["dataset"], r["document_id"], r["fingerprint"]): r for r in self.records if r.get("type") == "document"}
 
     @staticmethod
@@ -177,6 +178,7 @@ class ResultLog:
         self.records.append(record)
         if record.get("type") == "question":
             self.done.add(self.key(record))
+            self.answers[self.key(record)] = record
         elif record.get("type") == "document":
             self.documents[(record["dataset"], record["document_id"], record["fingerprint"])] = record
 
@@ -213,9 +215,58 @@ class _System:
     adapter: Optional[str] = None  # name of a loaded peft adapter (None: the compressor's own reader, if any)
     adapter_path: Optional[str] = None
     expand_top_k: int = 0  # lloco systems: retrieved chunks read as text (selective expansion); 0: soft only
+    top_k: Optional[int] = None  # rag systems: chunks retrieved (None: the run's top_k)
+    cut_to: Optional["_System"] = None  # rag systems: read as many positions as this system did on the same question
+    text_reader: Optional[CompressorEntry] = None  # text systems: read with this compressor's reader adapter
 
     def key(self, dataset: str, example_id: str) -> tuple:
         return (dataset, example_id, self.name, self.entry.fingerprint if self.entry else None, self.adapter_path)
+
+
+def build_plan(systems: Sequence[str], entries: Sequence[CompressorEntry], *, expand_top_k: Sequence[int] = (),
+               rag_top_k: Sequence[int] = (), rag_cut: bool = False, same_reader: bool = False) -> list[_System]:
+    """The systems of a run, in the order they answer each question (no adapter systems: the caller adds those).
+
+    ``rag_top_k`` adds text RAG on the best ``n`` chunks (``rag_top<n>``); ``rag_cut`` adds, for each hybrid, text
+    RAG cut to the positions that hybrid read on the same question (``rag_cut<n>``, after the hybrids, whose
+    answers it needs); ``same_reader`` makes every text system read with the reader adapter of the compressor
+    under test (``entries[0]``), as the lloco systems do, so that the adapter is not what tells them apart.
+    """
+    for n in [*expand_top_k, *rag_top_k]:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"--expand-top-k and --rag-top-k take whole numbers >= 1, got {n!r}.")
+    if rag_top_k and SYSTEM_RAG not in systems:
+        raise ValueError("--rag-top-k adds text RAG systems: add rag to --systems.")
+    if rag_cut and (SYSTEM_RAG not in systems or SYSTEM_LLOCO not in systems or not expand_top_k):
+        raise ValueError("--rag-cut cuts text RAG to each hybrid's positions: it needs rag and lloco in --systems "
+                         "and at least one --expand-top-k value.")
+    reader = None
+    if same_reader:
+        reader = entries[0]
+        if getattr(reader.compressor, "reader_adapter", None) is None:
+            raise ValueError(f"--same-reader: compressor {reader.label} ships no reader adapter, so the text systems "
+                             f"have none to share; drop --same-reader or pass a compressor directory with a reader/.")
+    suffix = READER_SUFFIX if reader is not None else ""
+    plan: list[_System] = []
+    hybrids: dict[int, _System] = {}
+    for name in systems:
+        if name == SYSTEM_LLOCO:
+            for entry in entries:
+                plan.append(_System(f"lloco[{entry.label}]", SYSTEM_LLOCO, entry))
+                for k in expand_top_k:
+                    plan.append(_System(f"hybrid{k}[{entry.label}]", SYSTEM_LLOCO, entry, expand_top_k=k))
+                    hybrids.setdefault(k, plan[-1])  # the compressor under test's hybrid (entries[0])
+        elif name in (SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_RAG):
+            plan.append(_System(name + suffix, name, text_reader=reader))
+            if name == SYSTEM_RAG:
+                plan += [_System(f"rag_top{n}{suffix}", SYSTEM_RAG, top_k=n, text_reader=reader)
+                         for n in rag_top_k]
+        else:
+            plan.append(_System(name, name))
+    if rag_cut:
+        plan += [_System(f"rag_cut{k}{suffix}", SYSTEM_RAG, cut_to=hybrid, text_reader=reader)
+                 for k, hybrid in hybrids.items()]
+    return plan
 
 
 def _now() -> str:
@@ -241,6 +292,9 @@ def run_benchmark(
     peer_max_examples: Optional[int] = -1,
     tag: Optional[str] = None,
     expand_top_k: Sequence[int] = (),
+    rag_top_k: Sequence[int] = (),
+    rag_cut: bool = False,
+    same_reader: bool = False,
     progress: bool = True,
     report: bool = True,
 ) -> dict:
@@ -253,7 +307,8 @@ def run_benchmark(
     ``llmlingua_rate`` (default: the compressor under test's slots / segment length).
     ``peer_max_examples=-1`` takes the suite's own limit; ``None`` runs the peer everywhere.
     Each value ``n`` in ``expand_top_k`` adds ``hybrid<n>`` systems beside each lloco system: the same soft
-    prompts with the ``n`` best-scored chunks read as text (:mod:`lloco_index.selection`).
+    prompts with the ``n`` best-scored chunks read as text (:mod:`lloco_index.selection`). ``rag_top_k``,
+    ``rag_cut`` and ``same_reader`` add and change the text systems as :func:`build_plan` says.
     Returns a summary dict with the output paths and the run's notes.
     """
     spec = SUITES[suite] if isinstance(suite, str) else suite
@@ -280,20 +335,17 @@ def run_benchmark(
     if rate >= 1.0:
         rate = defaults.DEFAULT_N_SLOTS / defaults.DEFAULT_SEGMENT_LENGTH
 
-    plan: list[_System] = []
-    for name in systems:
-        if name != SYSTEM_LLOCO:
-            plan.append(_System(name, name))
-            continue
-        for entry in entries:
-            plan.append(_System(f"lloco[{entry.label}]", SYSTEM_LLOCO, entry))
-            plan += [_System(f"hybrid{k}[{entry.label}]", SYSTEM_LLOCO, entry, expand_top_k=k) for k in expand_top_k]
-        if adapter is not None:
-            adapter_entry = _adapter_entry(Path(adapter), entries)
-            backbone.load_adapter(adapter, ADAPTER_NAME)
-            plan.append(_System(f"lloco+adapter[{adapter_entry.label}]", SYSTEM_LLOCO, adapter_entry, ADAPTER_NAME, str(adapter)))
-            plan += [_System(f"hybrid{k}+adapter[{adapter_entry.label}]", SYSTEM_LLOCO, adapter_entry, ADAPTER_NAME,
-                             str(adapter), expand_top_k=k) for k in expand_top_k]
+    plan = build_plan(systems, entries, expand_top_k=expand_top_k, rag_top_k=rag_top_k, rag_cut=rag_cut,
+                      same_reader=same_reader)
+    if adapter is not None and SYSTEM_LLOCO in systems:
+        adapter_entry = _adapter_entry(Path(adapter), entries)
+        backbone.load_adapter(adapter, ADAPTER_NAME)
+        extra = [_System(f"lloco+adapter[{adapter_entry.label}]", SYSTEM_LLOCO, adapter_entry, ADAPTER_NAME, str(adapter))]
+        extra += [_System(f"hybrid{k}+adapter[{adapter_entry.label}]", SYSTEM_LLOCO, adapter_entry, ADAPTER_NAME,
+                          str(adapter), expand_top_k=k) for k in expand_top_k]
+        cuts = [i for i, s in enumerate(plan) if s.cut_to is not None]
+        at = cuts[0] if cuts else len(plan)  # before the cut baselines, which come last
+        plan[at:at] = extra
 
     benchmarks = load_suite(spec, data_dir, backbone.tokenizer, datasets)
     log = ResultLog(out_dir / f"results-{tag}.jsonl")
@@ -307,6 +359,7 @@ def run_benchmark(
         "adapter": str(adapter) if adapter else None, "systems": [s.name for s in plan], "top_k": top_k,
         "max_new_tokens": max_new_tokens, "llmlingua_rate": rate, "peer_max_examples": peer_limit,
         "context_window": backbone.context_window, "notes": notes,
+        "text_reader": next((s.text_reader.label for s in plan if s.text_reader is not None), None),
     }
 
     readers = {None: SoftPromptReader(backbone, None, adapter=None, max_new_tokens=max_new_tokens)}
@@ -446,6 +499,13 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
     latency = {"retrieve_s": 0.0, "compress_s": 0.0}
     reader = readers[None]
     adapter = None
+    if system.text_reader is not None:
+        key = ("text", system.text_reader.label)
+        if key not in readers:  # no store: text only, read with the compressor's reader adapter (AUTO)
+            readers[key] = SoftPromptReader(backbone, None, compressor=system.text_reader.compressor, adapter=AUTO,
+                                            max_new_tokens=max_new_tokens)
+        reader, adapter = readers[key], AUTO
+        record["adapter_used"] = reader.resolve_adapter(adapter)
     with PeakRSS() as memory:
         if system.kind == SYSTEM_CLOSED_BOOK:
             context = None
@@ -459,14 +519,29 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
             if system.kind == SYSTEM_LLOCO:
                 store, ids = state.soft_prompts(system.entry, log)  # one-off compression, outside the latency too
             start = time.perf_counter()
-            hits, expanded = index.search(ex.question, top_k), set()
+            hits, expanded = index.search(ex.question, system.top_k or top_k), set()
+            if system.cut_to is not None:
+                rows, _ = index.search_scored(ex.question, system.top_k or top_k)  # best first: the order they fill
             if system.expand_top_k:
                 hits, expanded = _expand(index, ex.question, top_k, system.expand_top_k, backbone, store, ids)
             latency["retrieve_s"] = time.perf_counter() - start
             chunks = [index.chunks[i] for i in hits]
             record["retrieved"] = hits
             record["source_tokens"] = sum(len(backbone.tokenize(c)) for c in chunks)
-            if system.kind == SYSTEM_RAG:
+            if system.kind == SYSTEM_RAG and system.cut_to is not None:
+                target = log.answers.get(system.cut_to.key(bench.name, ex.id))
+                if target is None:
+                    raise RuntimeError(f"{system.name} reads as many positions as {system.cut_to.name} did on the same "
+                                       f"question, but {system.cut_to.name} has no answer for {ex.id} in {log.path}.")
+                overhead = reader.count_positions(reader.render(build_messages(ex, "")))
+                cut = fill_text_budget(backbone.tokenizer, [(r, index.chunks[r]) for r in rows],
+                                       max(target["positions"] - overhead, 0))
+                context = cut.text
+                record["retrieved"] = cut.chunks
+                record["source_tokens"] = cut.kept_tokens
+                record["cut_to"] = {"system": system.cut_to.name, "positions": target["positions"],
+                                    "budget_tokens": cut.budget, "whole_chunks": cut.whole}
+            elif system.kind == SYSTEM_RAG:
                 context = CHUNK_SEPARATOR.join(chunks)
             elif system.kind == SYSTEM_LLMLINGUA:
                 out = peer.compress(chunks, question=ex.question, rate=rate)

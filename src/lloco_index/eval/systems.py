@@ -29,6 +29,7 @@ SYSTEM_RAG = "rag"
 SYSTEM_LLMLINGUA = "llmlingua"
 SYSTEM_LLOCO = "lloco"
 BASE_SYSTEMS = (SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_RAG, SYSTEM_LLMLINGUA, SYSTEM_LLOCO)
+READER_SUFFIX = "+reader"  # a text system that reads with the compressor's reader adapter, as the lloco systems do
 
 _ANSWER_INSTRUCTIONS = {
     "mc": "Answer with the letter of the correct option: A, B, C or D.",
@@ -182,6 +183,72 @@ class FullContextPlan:
         return self.kept_tokens < self.document_tokens
 
 
+def _cut_text(tok, ids: list[int], kept: int, room: int, step: int = 16) -> tuple[str, int]:
+    """``ids[:kept]`` as text, shrunk by ``step`` tokens until it re-encodes to at most ``room`` tokens (a cut
+    can merge differently)."""
+    text = tok.decode(ids[:kept])
+    while kept > 0 and len(tok(text, add_special_tokens=False)["input_ids"]) > room:
+        kept = max(kept - step, 0)
+        text = tok.decode(ids[:kept])
+    return text, kept
+
+
+@dataclass
+class BudgetedText:
+    """Retrieved chunks' text filled into a fixed number of positions (the text-RAG-at-equal-positions baseline)."""
+
+    text: str
+    chunks: list[int]  # chunk rows kept, in document order
+    whole: list[int]  # the rows kept whole (the others in ``chunks`` were cut to their first tokens)
+    budget: int  # context tokens allowed
+    kept_tokens: int  # context tokens used (re-encoded)
+
+
+def fill_text_budget(tok, chunks_by_score: Sequence[tuple[int, str]], budget: int, separator: str = CHUNK_SEPARATOR) -> BudgetedText:
+    """Fill ``budget`` tokens with the best chunks' text: whole chunks best score first, the first that does not
+    fit cut to the tokens left, the rest dropped; the kept pieces are then joined in document order, as text
+    RAG reads them. A baseline only: the selection policy never cuts a chunk.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0 tokens, got {budget}.")
+    sep = len(tok(separator, add_special_tokens=False)["input_ids"])
+    used, pieces, whole = 0, {}, []
+    for row, text in chunks_by_score:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        room = budget - used - (sep if pieces else 0)
+        if room <= 0:
+            break
+        if len(ids) <= room:
+            pieces[row] = text
+            whole.append(row)
+            used += len(ids) + (sep if len(pieces) > 1 else 0)
+            continue
+        pieces[row], kept = _cut_text(tok, ids, room, room, step=1)  # a chunk's worth: exact is cheap
+        if kept == 0:
+            del pieces[row]
+        break
+    order = sorted(pieces)
+
+    def join() -> str:
+        return separator.join(pieces[r] for r in order)
+
+    text = join()
+    # Joining can merge tokens across a separator; trim the cut piece (else the last one) until the whole fits.
+    while order and len(tok(text, add_special_tokens=False)["input_ids"]) > budget:
+        victim = next((r for r in order if r not in whole), order[-1])
+        ids = tok(pieces[victim], add_special_tokens=False)["input_ids"]
+        if victim in whole:
+            whole.remove(victim)
+        if len(ids) <= 1:
+            del pieces[victim]
+            order.remove(victim)
+        else:
+            pieces[victim] = tok.decode(ids[:-1])
+        text = join()
+    kept_tokens = len(tok(text, add_special_tokens=False)["input_ids"]) if order else 0
+    return BudgetedText(text, order, [r for r in order if r in whole], budget, kept_tokens)
+
+
 def plan_full_context(reader: SoftPromptReader, example: Example, document_text: str, *, max_new_tokens: int) -> FullContextPlan:
     """Fit the document into the window: keep its first tokens when template + document + answer do not fit.
 
@@ -195,10 +262,6 @@ def plan_full_context(reader: SoftPromptReader, example: Example, document_text:
     room = reader.backbone.context_window - max_new_tokens - overhead - option_room - 8  # 8: join slack
     if len(ids) <= room:
         return FullContextPlan(document_text, len(ids), len(ids))
-    kept = max(room, 0)
-    text = tok.decode(ids[:kept])
-    # Decoding and re-encoding can grow by a token or two at the cut; shrink until it fits.
-    while kept > 0 and len(tok(text, add_special_tokens=False)["input_ids"]) > room:
-        kept -= 16
-        text = tok.decode(ids[:kept])
+    # Decoding and re-encoding can grow by a token or two at the cut; _cut_text shrinks until it fits.
+    text, kept = _cut_text(tok, ids, max(room, 0), room)
     return FullContextPlan(text, len(ids), kept)

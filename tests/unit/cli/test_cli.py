@@ -79,3 +79,11 @@ def test_compress_twice_reports_no_new_chunks_and_query_lists_sources_by_score(t
     assert main(["query", str(storage), "What do bees make?", "--top-k", "4", "--max-new-tokens", "2"]) == 0
     scores = [float(s) for s in re.findall(r"^  \[(-?[0-9.]+)\]", capsys.readouterr().out, re.M)]
     assert len(scores) >= 2 and scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("command", [["query", "no-such-dir", "Who?"], ["demo"]])
+def test_negative_expand_top_k_is_refused_before_any_model_loads(command, capsys):
+    from lloco_index.cli import main
+
+    assert main([*command, "--expand-top-k", "-1"]) == 2
+    assert "--expand-top-k must be 0 or more (got -1)" in capsys.readouterr().err

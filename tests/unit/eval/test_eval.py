@@ -248,3 +248,117 @@ def test_hybrid_system_expands_the_best_chunk_and_keeps_reading_order(tmp_path, 
     # positions only where its first token merges with the separator before it.
     assert abs(hybrid["positions"] - rag["positions"]) <= 1
     assert hybrid["soft_positions"] < soft["soft_positions"]
+
+
+# ------------------------------------------------- text baselines at equal positions
+
+
+class _WordTokenizer:
+    """One token per whitespace-separated word: budgets in tests can be counted by eye."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [hash(w) % 1000 for w in text.split()]}
+
+    def decode(self, ids):
+        return " ".join("w" for _ in ids)
+
+
+def test_fill_text_budget_keeps_best_chunks_whole_and_cuts_only_the_last():
+    from lloco_index.eval.systems import fill_text_budget
+
+    tok = _WordTokenizer()  # the separator "\n\n" is no word: 0 tokens
+    chunks = [(2, "a " * 10), (0, "b " * 6), (5, "c " * 8)]  # best score first
+    cut = fill_text_budget(tok, chunks, 13)
+    assert cut.chunks == [0, 2] and cut.whole == [2]  # document order; chunk 0 cut to the 3 tokens left
+    assert cut.kept_tokens == 13 and cut.budget == 13
+    whole = fill_text_budget(tok, chunks, 16)
+    assert whole.chunks == [0, 2] and whole.whole == [0, 2] and whole.kept_tokens == 16
+    assert fill_text_budget(tok, chunks, 100).whole == [0, 2, 5]
+    assert fill_text_budget(tok, chunks, 0).chunks == [] and fill_text_budget(tok, chunks, 0).text == ""
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        fill_text_budget(tok, chunks, -1)
+
+
+def test_fill_text_budget_never_exceeds_the_budget_with_a_real_tokenizer():
+    from lloco_index.eval.systems import fill_text_budget
+    from lloco_index.models import load_decoder
+
+    tok = load_decoder().tokenizer
+    chunks = [(1, "The lighthouse keeper, Mr. O'Brien, lit 2,000 lamps."), (0, "Sostratus of Cnidus built the Pharos.")]
+    for budget in range(0, 30, 3):
+        cut = fill_text_budget(tok, chunks, budget)
+        assert cut.kept_tokens <= budget
+        assert len(tok(cut.text, add_special_tokens=False)["input_ids"]) == cut.kept_tokens
+
+
+class _Compressor:
+    def __init__(self, reader):
+        self.reader_adapter = reader
+        self.fingerprint = "fp"
+
+
+def test_plan_has_same_reader_text_systems_and_cut_baselines_after_the_hybrids():
+    from lloco_index.eval.runner import CompressorEntry, build_plan
+
+    entries = [CompressorEntry("icae:c", _Compressor("reader"))]
+    plan = build_plan(["closed_book", "full_context", "rag", "lloco"], entries, expand_top_k=[1, 2], rag_top_k=[1],
+                      rag_cut=True, same_reader=True)
+    names = [s.name for s in plan]
+    assert names == ["closed_book+reader", "full_context+reader", "rag+reader", "rag_top1+reader", "lloco[icae:c]",
+                     "hybrid1[icae:c]", "hybrid2[icae:c]", "rag_cut1+reader", "rag_cut2+reader"]
+    by = {s.name: s for s in plan}
+    assert by["rag_top1+reader"].top_k == 1 and by["rag+reader"].top_k is None
+    assert by["rag_cut2+reader"].cut_to is by["hybrid2[icae:c]"]
+    assert all(s.text_reader is entries[0] for s in plan if s.kind != "lloco")
+    plain = [s.name for s in build_plan(["rag", "lloco"], entries, expand_top_k=[1], rag_cut=True)]
+    assert plain == ["rag", "lloco[icae:c]", "hybrid1[icae:c]", "rag_cut1"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(systems=["rag"], rag_cut=True), "--rag-cut cuts text RAG"),
+    (dict(systems=["rag", "lloco"], rag_cut=True), "at least one --expand-top-k"),
+    (dict(systems=["lloco"], rag_top_k=[1]), "add rag to --systems"),
+    (dict(systems=["rag"], rag_top_k=[0]), "whole numbers >= 1"),
+    (dict(systems=["rag", "lloco"], expand_top_k=[-1]), "whole numbers >= 1"),
+    (dict(systems=["rag"], same_reader=True, reader=None), "ships no reader adapter"),
+])
+def test_plan_refuses_what_it_cannot_run(kwargs, message):
+    from lloco_index.eval.runner import CompressorEntry, build_plan
+
+    entries = [CompressorEntry("c", _Compressor(kwargs.pop("reader", "reader")))]
+    systems = kwargs.pop("systems")
+    with pytest.raises(ValueError, match=message):
+        build_plan(systems, entries, **kwargs)
+
+
+def test_rag_cut_reads_the_hybrids_positions_and_rag_top1_one_chunk(tmp_path, tiny_backbone, monkeypatch):
+    from lloco_index.eval.report import read_records
+    from lloco_index.eval.retrieval import load_embedder
+    from lloco_index.eval.runner import SuiteSpec, run_benchmark
+
+    monkeypatch.setenv("LLMLINGUA_VENV", str(tmp_path / "no-such-venv"))
+    root = _write_fixtures(tmp_path / "data")
+    suite = SuiteSpec(squad=dict(max_documents=0, max_questions=0), quality=dict(max_documents=0, max_questions=0),
+                      needle=dict(lengths=[1500], depths=[0.5]), max_new_tokens=4)
+    summary = run_benchmark(suite, data_dir=root, out_dir=tmp_path / "out", compressors=["icae-untrained"],
+                            systems=["rag", "lloco"], datasets=["needle"], backbone=tiny_backbone,
+                            embedder=load_embedder(), top_k=3, tag="cut", progress=False, expand_top_k=[1],
+                            rag_top_k=[1], rag_cut=True)
+    by = {r["system"]: r for r in read_records(summary["results"]) if r["type"] == "question"}
+    hybrid, cut, top1 = by["hybrid1[icae-untrained]"], by["rag_cut1"], by["rag_top1"]
+    assert len(top1["retrieved"]) == 1 and len(by["rag"]["retrieved"]) == 3
+    assert cut["cut_to"]["system"] == "hybrid1[icae-untrained]" and cut["cut_to"]["positions"] == hybrid["positions"]
+    # Same positions as the hybrid, give or take a token merged at the template's join; all of them text.
+    assert abs(cut["positions"] - hybrid["positions"]) <= 2 and cut["soft_positions"] == 0
+    assert hybrid["soft_positions"] > 0 and cut["positions"] < by["rag"]["positions"]
+
+
+def test_needle_recall_by_length_averages_the_depths_of_each_length():
+    from lloco_index.eval.report import needle_by_length
+
+    def q(system, length, recall):
+        return {"task": "needle", "system": system, "metadata": {"length": length, "depth": 0.5}, "scores": {"recall": recall}}
+
+    rows = needle_by_length([q("a", 1024, 1.0), q("a", 1024, 0.0), q("a", 4096, 0.5), q("b", 1024, 1.0),
+                             {"task": "extractive", "system": "a", "metadata": {}, "scores": {}}])
+    assert rows == {"a": {1024: (0.5, 2), 4096: (0.5, 1)}, "b": {1024: (1.0, 1)}}

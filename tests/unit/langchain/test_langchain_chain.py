@@ -339,3 +339,39 @@ def test_expanded_chunks_come_back_as_text_in_reading_order():
     assert best is expanded[0]  # the score policy expands the best hit
     assert [d.page_content for d in retriever.invoke("Who kept the lighthouse?", expand_top_k=0)] == [
         f"<|lloco:{d.metadata['lloco_id']}|>" for d in docs]
+
+
+def test_select_chunks_bad_input_gets_the_documented_fallback_never_a_cut_chunk():
+    import torch
+
+    from lloco_index.errors import UnknownPlaceholderError
+    from lloco_index.langchain.search import ChunkRecord, SearchHit, select_chunks
+    from lloco_index.selection import SelectionConfig
+    from lloco_index.store import SoftPromptStore
+
+    def hit(pid, chunk, score, text="some words here"):
+        return SearchHit(ChunkRecord(pid, text, "d", chunk, positions=8, text_positions=5), score)
+
+    store = SoftPromptStore("fp-test")
+    store.put({p: torch.zeros(8, 4) for p in ("p1", "p2", "p3")})
+    hits = [hit("p1", 0, 0.9), hit("p2", 1, 0.8), hit("p3", 2, 0.7)]
+
+    def form(config, hs=hits, st=store):
+        return [(h.record.soft_prompt_id, h.expanded) for h in select_chunks(hs, config, st)]
+
+    # More to expand than was retrieved: all of it, as text.
+    assert form(SelectionConfig(expand_top_k=9, position_budget=None)) == [("p1", True), ("p2", True), ("p3", True)]
+    # A text budget smaller than one chunk: nothing expanded, nothing cut.
+    assert form(SelectionConfig(expand_top_k=1, text_budget=4, position_budget=None)) == [
+        ("p1", False), ("p2", False), ("p3", False)]
+    # The best chunk's text is gone: it stays a soft prompt and the next one is expanded.
+    dropped = [hit("p1", 0, 0.9, text=""), *hits[1:]]
+    assert form(SelectionConfig(expand_top_k=1, position_budget=None), dropped) == [
+        ("p1", False), ("p2", True), ("p3", False)]
+    # A soft prompt missing from the store: read as text; with its text gone as well, refused.
+    partial = SoftPromptStore("fp-test")
+    partial.put({"p2": torch.zeros(8, 4), "p3": torch.zeros(8, 4)})
+    assert form(SelectionConfig(expand_top_k=0, position_budget=None), st=partial) == [
+        ("p1", True), ("p2", False), ("p3", False)]
+    with pytest.raises(UnknownPlaceholderError, match="neither a soft prompt in the store nor its text"):
+        form(SelectionConfig(expand_top_k=0, position_budget=None), dropped, partial)

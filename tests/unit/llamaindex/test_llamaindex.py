@@ -210,3 +210,56 @@ def test_faiss_index_takes_the_embedders_width(compressor):
     index, store = build_index(DOCS[:1], compressor, embed_model=MockEmbedding(embed_dim=16))
     assert index.vector_store._faiss_index.d == 16
     assert index.as_retriever(similarity_top_k=1).retrieve("bees")
+
+
+# ------------------------------------------------ bad input reaching the selection policy through LlamaIndex
+
+
+def _store_with(*prompt_ids, positions=8):
+    import torch
+
+    store = SoftPromptStore("fp-test")
+    store.put({pid: torch.zeros(positions, 4) for pid in prompt_ids})
+    return store
+
+
+def _views(nodes):
+    return [(r.node.node_id, r.node.get_content(MetadataMode.LLM)) for r in nodes]
+
+
+def test_retriever_bad_input_gets_the_documented_fallback_never_a_cut_chunk():
+    from lloco_index.errors import UnknownPlaceholderError
+
+    results = [_nws("n1", "p1", "d", 0, 0.9), _nws("n2", "p2", "d", 1, 0.8), _nws("n3", "p3", "d", 2, 0.7)]
+    store = _store_with("p1", "p2", "p3")
+    # expand_top_k larger than what was retrieved: every retrieved chunk as its text.
+    many = LLoCORetriever(retriever=None, store=store, position_budget=None, expand_top_k=5, text_positions=lambda t: 3)
+    assert _views(many.select(results)) == [("n1", "text n1"), ("n2", "text n2"), ("n3", "text n3")]
+    # A text budget smaller than one chunk: nothing expanded, every chunk whole as its soft prompt.
+    small = LLoCORetriever(retriever=None, store=store, position_budget=None, expand_top_k=1, text_budget=2,
+                           text_positions=lambda t: 3)
+    assert _views(small.select(results)) == [("n1", "<|lloco:p1|>"), ("n2", "<|lloco:p2|>"), ("n3", "<|lloco:p3|>")]
+    # A node whose text was dropped from the docstore: it stays a soft prompt; the next best is expanded instead.
+    dropped = [_nws("n1", "p1", "d", 0, 0.9), *results[1:]]
+    dropped[0].node.text = ""
+    one = LLoCORetriever(retriever=None, store=store, position_budget=None, expand_top_k=1, text_positions=lambda t: 3)
+    assert _views(one.select(dropped)) == [("n1", "<|lloco:p1|>"), ("n2", "text n2"), ("n3", "<|lloco:p3|>")]
+    # A chunk whose soft prompt is missing from the store is read as its text (even with expand_top_k=0) ...
+    gone = LLoCORetriever(retriever=None, store=_store_with("p2", "p3"), position_budget=None, expand_top_k=0,
+                          text_positions=lambda t: 3)
+    assert _views(gone.select(results)) == [("n1", "text n1"), ("n2", "<|lloco:p2|>"), ("n3", "<|lloco:p3|>")]
+    # ... and refused precisely when its text is gone too.
+    with pytest.raises(UnknownPlaceholderError, match="neither a soft prompt in the store nor its text"):
+        gone.select(dropped)
+
+
+@pytest.mark.parametrize("kwargs", [dict(expand_top_k=-1), dict(text_budget=-1), dict(top_k=-3), dict(position_budget=-8)])
+def test_retriever_refuses_negative_settings(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        LLoCORetriever(retriever=None, store=None, **kwargs)
+
+
+def test_retriever_refuses_a_negative_per_call_expansion():
+    retriever = LLoCORetriever(retriever=None, store=None, position_budget=None)
+    with pytest.raises(ValueError, match="expand_top_k must be a whole number >= 0"):
+        retriever.select([_nws("n1", "p1", "d", 0, 0.9)], expand_top_k=-2)
