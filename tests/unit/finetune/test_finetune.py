@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from llama_index.core import Document
 from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatStartEvent
@@ -20,13 +19,12 @@ from lloco_index.adapters import read_adapter_metadata
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.compressors.token_embedding import TokenEmbeddingConfig
 from lloco_index.errors import AdapterMismatchError
-from lloco_index.finetune import FinetuneResumeError, QAExample, load_qa_examples, split_train_val
+from lloco_index.finetune import FinetuneConfig, FinetuneResumeError, QAExample, load_qa_examples, split_train_val
 from lloco_index.finetune.data import TrainExample, load_instruction_examples, mix_instructions
 from lloco_index.llamaindex import LLoCOFinetuneEngine, LLoCOLLM, LLoCOQueryEngine, build_index
 from lloco_index.llamaindex.finetune import parse_questions
 from lloco_index.placeholders import find_ids
 
-import tiny_models
 from helpers import FACTS, fast_finetune_config as fast_config
 
 from helpers import FINETUNE_DOCS as DOCS, FINETUNE_QA as QA, FINETUNE_SEGMENT as SEGMENT
