@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import defaults
+from .selection import POLICIES
 
 
 def _check_expand_top_k(value: int) -> None:
@@ -185,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=defaults.DEFAULT_MAX_NEW_TOKENS, help="longest answer, in tokens")
     p.add_argument("--expand-top-k", type=int, default=defaults.DEFAULT_EXPAND_TOP_K,
                    help="best retrieved chunks read as text, the rest as soft prompts; 0: soft prompts only")
-    p.add_argument("--policy", default=defaults.DEFAULT_EXPANSION_POLICY, choices=["score", "likelihood"],
-                   help="which chunks to expand: the retriever's ranking or the decoder's likelihood of the question")
+    p.add_argument("--policy", default=defaults.DEFAULT_EXPANSION_POLICY, choices=POLICIES,
+                   help="which chunks to expand: the retriever's ranking (score), the question's words in the chunks "
+                        "(lexical) or the decoder's likelihood of the question")
     p.add_argument("--adapter", type=Path, default=None, help="a LoRA adapter directory to read with (default: the "
                    "compressor's reader adapter, if it has one)")
     p.add_argument("--adapter-name", default="user_adapter", help="name the --adapter is loaded under")

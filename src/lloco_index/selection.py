@@ -10,7 +10,11 @@ CLI, the demo, the benchmarks and the finetune data builder:
    policy ranks first go in as their *text*, while their text fits
    ``text_budget``; a small compressor's soft prompt carries a chunk's topic
    more than its exact names and numbers, so the chunks that most likely hold
-   the answer are the ones worth their full length;
+   the answer are the ones worth their full length. The policy
+   (:func:`expansion_scores`) is ``score`` (the retriever's ranking),
+   ``lexical`` (BM25 of the question's words over the retrieved chunks' text,
+   the default: a dense retriever finds the topic, the question's rare words
+   find the sentence that answers it) or ``likelihood`` (the decoder's);
 3. the others go in as soft prompts while the total fits ``position_budget``;
 4. reading order: documents by their best score, chunks by position, as LLoCO
    feeds its summaries.
@@ -30,13 +34,16 @@ from the store is read as text when its text is known, else refused
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 from . import defaults
 from .errors import UnknownPlaceholderError
 
-POLICIES = ("score", "likelihood")
+POLICIES = ("score", "lexical", "likelihood")
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class SelectionConfig:
     position_budget: Optional[int] = defaults.DEFAULT_POSITION_BUDGET  # text + soft positions of the context
     expand_top_k: int = defaults.DEFAULT_EXPAND_TOP_K  # chunks read as text (0: pure soft prompts)
     text_budget: Optional[int] = defaults.DEFAULT_TEXT_BUDGET  # positions of expanded text (None: no limit)
-    policy: str = defaults.DEFAULT_EXPANSION_POLICY  # which chunks to expand: "score" or "likelihood"
+    policy: str = defaults.DEFAULT_EXPANSION_POLICY  # which chunks to expand: one of POLICIES
 
     def __post_init__(self) -> None:
         for name in ("top_k", "position_budget", "text_budget"):
@@ -80,6 +87,7 @@ class Candidate:
     soft_positions: Optional[int]  # positions of its soft prompt; None: no soft prompt in the store
     text_positions: Optional[int]  # positions of its text; None: the text is not available
     item: Any = None
+    text: Optional[str] = None  # the chunk's text, for the lexical policy (None: ranked last by it)
 
 
 @dataclass
@@ -149,6 +157,56 @@ def select(candidates: Sequence[Candidate], config: SelectionConfig = SelectionC
         doc_rank.setdefault(s.candidate.doc_id, len(doc_rank))
     kept.sort(key=lambda s: (doc_rank[s.candidate.doc_id], s.candidate.chunk))
     return kept
+
+
+def expansion_scores(policy: str, question: Optional[str], candidates: Sequence[Candidate], *,
+                     reader: Any = None) -> Optional[list[float]]:
+    """The expansion ranking ``policy`` gives ``candidates`` for ``question`` (higher = expand first), for
+    :func:`select`'s ``expansion_scores``; ``None`` for ``score`` (the retriever's order) or without a question.
+    ``likelihood`` needs the :class:`~lloco_index.generation.SoftPromptReader`."""
+    if policy not in POLICIES:
+        raise ValueError(f"Unknown expansion policy {policy!r}: use one of {', '.join(POLICIES)}.")
+    if policy == "score" or not question:
+        return None
+    if policy == "lexical":
+        return lexical_scores(question, candidates)
+    if reader is None:
+        raise ValueError("The 'likelihood' expansion policy ranks chunks with the decoder: pass the reader.")
+    return likelihood_scores(reader, question, candidates)
+
+
+# Words that carry no evidence of where an answer is (question words, articles, auxiliaries).
+_STOPWORDS = frozenset("""a an the of to in on at for by with from and or is are was were be been being what which
+who whom whose when where why how does do did has have had it its this that these those as into than then there
+their they he she his her him i you we our your not no can could would should will shall may might also about
+after before over under between during""".split())
+_BM25_K1, _BM25_B = 1.2, 0.75  # the usual BM25 constants
+
+
+def _words(text: str) -> list[str]:
+    return [w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS]
+
+
+def lexical_scores(question: str, candidates: Sequence[Candidate]) -> list[float]:
+    """BM25 of the question's words in each candidate's text, with document frequencies over the candidates
+    themselves: among chunks the retriever already found on topic, the one that shares the question's rarest
+    words is the one most likely to hold the answer. No model; candidates without text score -inf."""
+    docs = [_words(c.text) if c.text else None for c in candidates]
+    present = [d for d in docs if d is not None]
+    if not present:
+        return [float("-inf")] * len(candidates)
+    mean_len = max(1.0, sum(map(len, present)) / len(present))
+    df = Counter(w for d in present for w in set(d))
+    terms = set(_words(question))
+    scores = []
+    for d in docs:
+        if d is None:
+            scores.append(float("-inf"))
+            continue
+        tf, norm = Counter(d), _BM25_K1 * (1 - _BM25_B + _BM25_B * len(d) / mean_len)
+        scores.append(sum(math.log(1 + (len(present) - df[w] + 0.5) / (df[w] + 0.5)) * tf[w] * (_BM25_K1 + 1)
+                          / (tf[w] + norm) for w in terms if tf[w]))
+    return scores
 
 
 def likelihood_scores(reader, question: str, candidates: Sequence[Candidate]) -> list[float]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from .. import defaults
+from ..selection import POLICIES
 from .runner import SUITES
 from .systems import BASE_SYSTEMS
 
@@ -40,6 +41,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--max-questions", type=int, default=None, help="SQuAD questions per article (default: the suite's)")
     parser.add_argument("--expand-top-k", type=int, nargs="+", default=[],
                         help="add hybrid<n> systems: the lloco systems with the n best chunks read as text")
+    parser.add_argument("--policies", nargs="+", choices=list(POLICIES), default=[],
+                        help="expansion policies for the hybrid systems (default: the package's; with several, "
+                             "hybrid<n>-<policy> for each)")
     parser.add_argument("--rag-top-k", type=int, nargs="+", default=[],
                         help="add rag_top<n> systems: text RAG on the n best chunks (with rag in --systems)")
     parser.add_argument("--rag-cut", action="store_true",
@@ -78,7 +82,7 @@ def run_bench(args: argparse.Namespace) -> dict:
             decoder=args.decoder, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
             llmlingua_rate=args.llmlingua_rate, peer_max_examples=args.peer_max_examples,
             tag=args.tag or (args.suite if not overridden else f"{args.suite}-custom"), expand_top_k=args.expand_top_k,
-            rag_top_k=args.rag_top_k, rag_cut=args.rag_cut, same_reader=args.same_reader,
+            rag_top_k=args.rag_top_k, rag_cut=args.rag_cut, same_reader=args.same_reader, policies=args.policies,
         )
     for key in ("results", "table"):
         if key in summary:

@@ -33,7 +33,7 @@ from . import datasets as ds
 from .metrics import score_prediction
 from .peers import LLMLinguaPeer, PeerUnavailable
 from .retrieval import ChunkIndex, load_embedder
-from ..selection import Candidate, SelectionConfig, select
+from ..selection import POLICIES, Candidate, SelectionConfig, expansion_scores, select
 from .systems import (
     BASE_SYSTEMS, CHUNK_SEPARATOR, READER_SUFFIX, SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_LLMLINGUA, SYSTEM_LLOCO,
     SYSTEM_RAG, PeakRSS, build_messages, fill_text_budget, option_texts, plan_full_context, timed_generate,
@@ -215,6 +215,7 @@ class _System:
     adapter: Optional[str] = None  # name of a loaded peft adapter (None: the compressor's own reader, if any)
     adapter_path: Optional[str] = None
     expand_top_k: int = 0  # lloco systems: retrieved chunks read as text (selective expansion); 0: soft only
+    policy: str = defaults.DEFAULT_EXPANSION_POLICY  # hybrid systems: which chunks the selection expands
     top_k: Optional[int] = None  # rag systems: chunks retrieved (None: the run's top_k)
     cut_to: Optional["_System"] = None  # rag systems: read as many positions as this system did on the same question
     text_reader: Optional[CompressorEntry] = None  # text systems: read with this compressor's reader adapter
@@ -224,8 +225,12 @@ class _System:
 
 
 def build_plan(systems: Sequence[str], entries: Sequence[CompressorEntry], *, expand_top_k: Sequence[int] = (),
-               rag_top_k: Sequence[int] = (), rag_cut: bool = False, same_reader: bool = False) -> list[_System]:
+               rag_top_k: Sequence[int] = (), rag_cut: bool = False, same_reader: bool = False,
+               policies: Sequence[str] = ()) -> list[_System]:
     """The systems of a run, in the order they answer each question (no adapter systems: the caller adds those).
+
+    ``policies`` are the expansion policies each ``hybrid<n>`` runs with (default: the package's one); with more
+    than one, each hybrid is named ``hybrid<n>-<policy>``.
 
     ``rag_top_k`` adds text RAG on the best ``n`` chunks (``rag_top<n>``); ``rag_cut`` adds, for each hybrid, text
     RAG cut to the positions that hybrid read on the same question (``rag_cut<n>``, after the hybrids, whose
@@ -235,6 +240,10 @@ def build_plan(systems: Sequence[str], entries: Sequence[CompressorEntry], *, ex
     for n in [*expand_top_k, *rag_top_k]:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"--expand-top-k and --rag-top-k take whole numbers >= 1, got {n!r}.")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"Unknown expansion policies {unknown}: use {', '.join(POLICIES)}.")
+    policies = list(dict.fromkeys(policies)) or [defaults.DEFAULT_EXPANSION_POLICY]
     if rag_top_k and SYSTEM_RAG not in systems:
         raise ValueError("--rag-top-k adds text RAG systems: add rag to --systems.")
     if rag_cut and (SYSTEM_RAG not in systems or SYSTEM_LLOCO not in systems or not expand_top_k):
@@ -254,8 +263,10 @@ def build_plan(systems: Sequence[str], entries: Sequence[CompressorEntry], *, ex
             for entry in entries:
                 plan.append(_System(f"lloco[{entry.label}]", SYSTEM_LLOCO, entry))
                 for k in expand_top_k:
-                    plan.append(_System(f"hybrid{k}[{entry.label}]", SYSTEM_LLOCO, entry, expand_top_k=k))
-                    hybrids.setdefault(k, plan[-1])  # the compressor under test's hybrid (entries[0])
+                    for policy in policies:
+                        name = f"hybrid{k}" + (f"-{policy}" if len(policies) > 1 else "")
+                        plan.append(_System(f"{name}[{entry.label}]", SYSTEM_LLOCO, entry, expand_top_k=k, policy=policy))
+                        hybrids.setdefault(k, plan[-1])  # the compressor under test's hybrid (entries[0], first policy)
         elif name in (SYSTEM_CLOSED_BOOK, SYSTEM_FULL, SYSTEM_RAG):
             plan.append(_System(name + suffix, name, text_reader=reader))
             if name == SYSTEM_RAG:
@@ -295,6 +306,7 @@ def run_benchmark(
     rag_top_k: Sequence[int] = (),
     rag_cut: bool = False,
     same_reader: bool = False,
+    policies: Sequence[str] = (),
     progress: bool = True,
     report: bool = True,
 ) -> dict:
@@ -307,7 +319,7 @@ def run_benchmark(
     ``llmlingua_rate`` (default: the compressor under test's slots / segment length).
     ``peer_max_examples=-1`` takes the suite's own limit; ``None`` runs the peer everywhere.
     Each value ``n`` in ``expand_top_k`` adds ``hybrid<n>`` systems beside each lloco system: the same soft
-    prompts with the ``n`` best-scored chunks read as text (:mod:`lloco_index.selection`). ``rag_top_k``,
+    prompts with ``n`` chunks read as text, chosen by each of ``policies`` (:mod:`lloco_index.selection`). ``rag_top_k``,
     ``rag_cut`` and ``same_reader`` add and change the text systems as :func:`build_plan` says.
     Returns a summary dict with the output paths and the run's notes.
     """
@@ -336,7 +348,7 @@ def run_benchmark(
         rate = defaults.DEFAULT_N_SLOTS / defaults.DEFAULT_SEGMENT_LENGTH
 
     plan = build_plan(systems, entries, expand_top_k=expand_top_k, rag_top_k=rag_top_k, rag_cut=rag_cut,
-                      same_reader=same_reader)
+                      same_reader=same_reader, policies=policies)
     if adapter is not None and SYSTEM_LLOCO in systems:
         adapter_entry = _adapter_entry(Path(adapter), entries)
         backbone.load_adapter(adapter, ADAPTER_NAME)
@@ -477,12 +489,16 @@ class _DocumentState:
         return self._stores[entry.label]
 
 
-def _expand(index, question: str, top_k: int, expand_top_k: int, backbone, store, ids) -> tuple[list[int], set[int]]:
+def _expand(index, question: str, top_k: int, system: _System, backbone, store, ids,
+            reader=None) -> tuple[list[int], set[int]]:
     """The selection policy on one document's chunks: (chunks in reading order, the ones read as text)."""
     rows, scores = index.search_scored(question, top_k)
     candidates = [Candidate(id=ids[r], doc_id="document", chunk=r, score=s, soft_positions=store.num_positions(ids[r]),
-                            text_positions=len(backbone.tokenize(index.chunks[r]))) for r, s in zip(rows, scores)]
-    picked = select(candidates, SelectionConfig(top_k=top_k, expand_top_k=expand_top_k, position_budget=None))
+                            text_positions=len(backbone.tokenize(index.chunks[r])), text=index.chunks[r])
+                  for r, s in zip(rows, scores)]
+    config = SelectionConfig(top_k=top_k, expand_top_k=system.expand_top_k, position_budget=None, policy=system.policy)
+    ranking = expansion_scores(system.policy, question, candidates, reader=reader)
+    picked = select(candidates, config, expansion_scores=ranking)
     return [p.candidate.chunk for p in picked], {p.candidate.chunk for p in picked if p.expanded}
 
 
@@ -518,12 +534,21 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
             index = state.index  # built once per document, outside the query's latency
             if system.kind == SYSTEM_LLOCO:
                 store, ids = state.soft_prompts(system.entry, log)  # one-off compression, outside the latency too
+                key = (system.entry.label, system.adapter)
+                if key not in readers:
+                    # No explicit adapter: the compressor's own reader adapter when it ships one (AUTO).
+                    readers[key] = SoftPromptReader(backbone, store, compressor=system.entry.compressor,
+                                                    adapter=system.adapter or AUTO, max_new_tokens=max_new_tokens)
+                reader = readers[key]
+                reader.store = store  # the document's soft prompts (the likelihood policy reads them too)
+                adapter = system.adapter or AUTO
             start = time.perf_counter()
             hits, expanded = index.search(ex.question, system.top_k or top_k), set()
             if system.cut_to is not None:
                 rows, _ = index.search_scored(ex.question, system.top_k or top_k)  # best first: the order they fill
             if system.expand_top_k:
-                hits, expanded = _expand(index, ex.question, top_k, system.expand_top_k, backbone, store, ids)
+                hits, expanded = _expand(index, ex.question, top_k, system, backbone, store, ids, reader)
+                record["policy"] = system.policy
             latency["retrieve_s"] = time.perf_counter() - start
             chunks = [index.chunks[i] for i in hits]
             record["retrieved"] = hits
@@ -552,14 +577,6 @@ def _answer(system: _System, bench: ds.Benchmark, ex: ds.Example, state: _Docume
             else:
                 context = CHUNK_SEPARATOR.join(index.chunks[i] if i in expanded else make_placeholder(ids[i]) for i in hits)
                 record["expanded"] = sorted(expanded)
-                key = (system.entry.label, system.adapter)
-                if key not in readers:
-                    # No explicit adapter: the compressor's own reader adapter when it ships one (AUTO).
-                    readers[key] = SoftPromptReader(backbone, store, compressor=system.entry.compressor,
-                                                    adapter=system.adapter or AUTO, max_new_tokens=max_new_tokens)
-                reader = readers[key]
-                reader.store = store  # the document's soft prompts
-                adapter = system.adapter or AUTO
                 record["adapter_used"] = reader.resolve_adapter(adapter)
         messages = build_messages(ex, context)
         generated, prepared = timed_generate(reader, messages, adapter=adapter, max_new_tokens=max_new_tokens,

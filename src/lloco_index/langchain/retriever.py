@@ -24,7 +24,7 @@ adapter's node metadata.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Literal, Optional, Sequence, Union
 
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
@@ -34,6 +34,7 @@ from pydantic import ConfigDict, Field, model_validator
 from .. import defaults
 from ..keys import CHUNK_KEY, DOC_KEY, EXPANDED_KEY, ID_KEY, POSITIONS_KEY, SCORE_KEY, TEXT_KEY
 from ..placeholders import hand_out, make_placeholder
+from ..selection import POLICIES
 from ..store import SoftPromptStore
 from .search import ChunkIndex, OnEmpty, SearchHit
 
@@ -76,9 +77,15 @@ class LLoCOLangChainRetriever(BaseRetriever):
                               description="Best chunks returned as their text instead of a placeholder (0: soft prompts only).")
     text_budget: Optional[int] = Field(default=defaults.DEFAULT_TEXT_BUDGET, ge=0,
                                        description="Most decoder positions of expanded text per query (None: no limit).")
+    policy: Literal[POLICIES] = Field(default=defaults.DEFAULT_EXPANSION_POLICY,
+                                      description="Which chunks to expand: score, lexical or likelihood (needs reader).")
+    reader: Optional[Any] = Field(default=None, exclude=True,
+                                  description="The SoftPromptReader that ranks chunks for policy='likelihood' (chat.reader).")
 
     @model_validator(mode="after")
     def _open_index(self) -> "LLoCOLangChainRetriever":
+        if self.policy == "likelihood" and self.reader is None:
+            raise ValueError("policy='likelihood' ranks chunks with the decoder: pass reader=chat_model.reader.")
         if self.index is None:
             if self.persist_dir is None:
                 raise ValueError(
@@ -140,7 +147,7 @@ class LLoCOLangChainRetriever(BaseRetriever):
         budget = self.position_budget if position_budget == -1 else position_budget  # -1: not given (None means no limit)
         hits = self.index.search(query, self.k if k is None else k, position_budget=budget, fetch_k=self.fetch_k,
                                  expand_top_k=self.expand_top_k if expand_top_k is None else expand_top_k,
-                                 text_budget=self.text_budget)
+                                 text_budget=self.text_budget, policy=self.policy, reader=self.reader)
         return [self._document(hit) for hit in hits]
 
     @staticmethod

@@ -41,7 +41,7 @@ from .. import defaults
 from ..chunking import chunk_text
 from ..fileio import atomic_write_bytes, read_json
 from ..errors import CorruptStoreError, EmptyDocumentError, StoreMismatchError
-from ..selection import Candidate, SelectionConfig, select
+from ..selection import Candidate, SelectionConfig, expansion_scores, select
 from ..store import SoftPromptStore
 from ..vectors import DenseIndex, Embedder, as_embedder
 from .. import manifest
@@ -89,14 +89,17 @@ def _doc_id(text: str, metadata: dict[str, Any], explicit: Optional[str]) -> str
 
 
 def select_chunks(hits: Iterable[SearchHit], config: SelectionConfig, store: Optional[SoftPromptStore] = None,
-                  expansion_scores: Optional[Sequence[float]] = None) -> list[SearchHit]:
-    """:func:`lloco_index.selection.select` on search hits: dedupe, expand, fit the budget, reading order."""
+                  query: Optional[str] = None, *, reader: Any = None) -> list[SearchHit]:
+    """:func:`lloco_index.selection.select` on search hits: dedupe, expand (``config.policy`` ranks the chunks
+    for ``query``), fit the budget, reading order."""
     candidates = [Candidate(id=h.record.soft_prompt_id, doc_id=h.record.doc_id, chunk=h.record.chunk, score=h.score,
                             soft_positions=h.record.positions if store is None or h.record.soft_prompt_id in store else None,
-                            text_positions=h.record.text_cost() if h.record.text.strip() else None, item=h)
+                            text_positions=h.record.text_cost() if h.record.text.strip() else None, item=h,
+                            text=h.record.text)
                   for h in hits]
+    ranking = expansion_scores(config.policy, query, candidates, reader=reader) if config.expand_top_k else None
     return [SearchHit(s.candidate.item.record, s.candidate.item.score, s.expanded)
-            for s in select(candidates, config, expansion_scores=expansion_scores)]
+            for s in select(candidates, config, expansion_scores=ranking)]
 
 
 # ---------------------------------------------------------------------- index
@@ -293,13 +296,15 @@ class ChunkIndex:
 
     def search(self, query: str, k: int = defaults.DEFAULT_TOP_K, *, position_budget: Optional[int] = defaults.DEFAULT_POSITION_BUDGET,
                fetch_k: Optional[int] = None, expand_top_k: int = 0,
-               text_budget: Optional[int] = defaults.DEFAULT_TEXT_BUDGET) -> list[SearchHit]:
+               text_budget: Optional[int] = defaults.DEFAULT_TEXT_BUDGET,
+               policy: str = defaults.DEFAULT_EXPANSION_POLICY, reader: Any = None) -> list[SearchHit]:
         """The ``k`` best chunks for ``query`` after :func:`select_chunks` (dedupe, expand, budget, reading order).
 
-        ``expand_top_k`` of them come back with ``expanded=True`` (read as text, see :mod:`lloco_index.selection`).
+        ``expand_top_k`` of them, ranked by the expansion ``policy``, come back with ``expanded=True`` (read as
+        text, see :mod:`lloco_index.selection`; ``policy="likelihood"`` needs the ``reader``).
         """
         config = SelectionConfig(top_k=k, position_budget=position_budget, expand_top_k=expand_top_k,
-                                 text_budget=text_budget)
+                                 text_budget=text_budget, policy=policy)
         if k <= 0 or not self.records:
             return []
         index = self._index()
@@ -309,7 +314,7 @@ class ChunkIndex:
             # Fetch more than k: duplicates and chunks over budget are dropped after the search.
             rows, scores = index.search(query_vector, n)
             hits = [SearchHit(self.records[i], s) for i, s in zip(rows, scores)]
-            selected = select_chunks(hits, config, self.store)
+            selected = select_chunks(hits, config, self.store, query, reader=reader)
             if len(selected) >= k or n >= len(self.records):
                 return selected
             n = min(len(self.records), 2 * n)

@@ -8,7 +8,7 @@ from llama_index.core.base.base_retriever import BaseRetriever
 from llama_index.core.schema import NodeWithScore, QueryBundle
 
 from .. import defaults
-from ..selection import Candidate, SelectionConfig, likelihood_scores, select
+from ..selection import Candidate, SelectionConfig, expansion_scores, select
 from ..store import SoftPromptStore
 from .node_keys import (
     CHUNK_KEY,
@@ -83,16 +83,14 @@ class LLoCORetriever(BaseRetriever):
         return Candidate(id=prompt_id, doc_id=str(node.metadata.get(DOC_KEY) or node.ref_doc_id),
                          chunk=int(node.metadata.get(CHUNK_KEY, 0)), score=float(nws.score or 0.0),
                          soft_positions=soft, text_positions=self.text_positions(text) if text and text.strip() else None,
-                         item=nws)
+                         item=nws, text=text)
 
     def select(self, results: List[NodeWithScore], query: Optional[str] = None, *,
                expand_top_k: Optional[int] = None) -> List[NodeWithScore]:
         """The policy on already retrieved nodes: returns copies in reading order, each in its view."""
         config = self.selection.with_overrides(expand_top_k=expand_top_k)
         candidates = [self._candidate(r) for r in results]
-        scores = None
-        if config.policy == "likelihood" and query is not None and config.expand_top_k:
-            scores = likelihood_scores(self.reader, query, candidates)
+        scores = expansion_scores(config.policy, query, candidates, reader=self.reader) if config.expand_top_k else None
         out: List[NodeWithScore] = []
         for picked in select(candidates, config, expansion_scores=scores):
             nws = picked.candidate.item

@@ -14,7 +14,8 @@ Two shapes of context, both from SQuAD articles (train split for training, test 
 * ``paragraph``: the question's own paragraph, cut into chunks; every chunk a soft prompt. This is the
   held-out measure of what a soft prompt carries (reader-normalised F1).
 * ``retrieved``: the article's top-k chunks for the question (all-MiniLM-L6-v2, reading order), the top
-  ``expand`` of them by score as text, the rest as soft prompts; ``expand`` cycles over ``expansion_mix``.
+  ``expand`` of them as text, chosen by the expansion policy queries use (:mod:`lloco_index.selection`),
+  the rest as soft prompts; ``expand`` cycles over ``expansion_mix``.
 
     python -m lloco_index.training.query_data --split train --out runs/qd/train.jsonl
 """
@@ -33,6 +34,7 @@ from .. import defaults
 from ..chunking import chunk_text
 from ..fileio import atomic_write_bytes
 from ..placeholders import make_placeholder
+from ..selection import POLICIES, Candidate, SelectionConfig, expansion_scores, select
 
 MessagesFn = Callable[[str, Sequence[str]], list[dict]]
 KINDS = ("paragraph", "retrieved")
@@ -86,11 +88,11 @@ def _squad_articles(data_dir: Union[str, Path], split: str) -> list[dict]:
 def build_query_examples(data_dir: Union[str, Path], split: str, tokenizer, messages_for: MessagesFn, *,
                          segment_length: int = defaults.DEFAULT_SEGMENT_LENGTH, kinds: Sequence[str] = KINDS,
                          top_k: int = 4, expansion_mix: Sequence[int] = (0, 1, 2), embedder=None,
-                         max_questions: Optional[int] = None, seed: int = 0, progress: bool = False) -> list[QueryExample]:
+                         policy: str = defaults.DEFAULT_EXPANSION_POLICY, max_questions: Optional[int] = None, seed: int = 0, progress: bool = False) -> list[QueryExample]:
     """Query-shaped examples for every answerable question of the SQuAD ``split`` (a seeded sample of
     ``max_questions``), one per (question, kind). ``tokenizer`` is the decoder's (chunks are cut as the
     shipped chunker cuts them); ``embedder`` ranks an article's chunks for ``retrieved`` (default: the shipped
-    all-MiniLM-L6-v2)."""
+    all-MiniLM-L6-v2), and the expansion ``policy`` picks the chunks read as text, as at query time."""
     from tqdm.auto import tqdm
 
     bad = [k for k in kinds if k not in KINDS]
@@ -129,14 +131,24 @@ def build_query_examples(data_dir: Union[str, Path], split: str, tokenizer, mess
                 chunks = chunks_of("\n\n".join(p["context"] for p in article["paragraphs"]))
                 retrieval[title] = (chunks, DenseIndex(embedder.embed_documents(chunks)))
             chunks, index = retrieval[title]
-            rows, _ = index.search(embedder.embed_query(question), min(top_k, len(chunks)))
+            rows, scores = index.search(embedder.embed_query(question), min(top_k, len(chunks)))
             n_expand = expansion_mix[n % len(expansion_mix)]
-            expanded = set(rows[:n_expand])  # best-scored first
+            expanded = _expanded_rows(question, rows, scores, chunks, n_expand, policy)
             order = sorted(rows)  # reading order
             out.append(make_example(f"{qid}:retrieved", question, answers, [chunks[r] for r in order],
                                     [r in expanded for r in order], messages_for, kind="retrieved", doc=title,
                                     meta={"expand_top_k": n_expand, "rows": order}))
     return out
+
+
+def _expanded_rows(question: str, rows, scores, chunks: Sequence[str], n_expand: int, policy: str) -> set[int]:
+    """The rows a query with ``expand_top_k=n_expand`` reads as text, chosen by the selection policy that queries use
+    (positions are not limited here: every retrieved chunk is kept, as the examples' reading order needs)."""
+    candidates = [Candidate(id=str(r), doc_id="article", chunk=r, score=s, soft_positions=1, text_positions=1,
+                            text=chunks[r]) for r, s in zip(rows, scores)]
+    config = SelectionConfig(top_k=None, position_budget=None, text_budget=None, expand_top_k=n_expand, policy=policy)
+    picked = select(candidates, config, expansion_scores=expansion_scores(policy, question, candidates))
+    return {p.candidate.chunk for p in picked if p.expanded}
 
 
 def write_query_examples(path: Union[str, Path], examples: Sequence[QueryExample]) -> None:
@@ -178,6 +190,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated: paragraph, retrieved")
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--expansion-mix", default="0,1,2", help="expand_top_k values cycled over 'retrieved' examples")
+    parser.add_argument("--policy", default=defaults.DEFAULT_EXPANSION_POLICY, choices=POLICIES,
+                        help="the expansion policy that picks the 'retrieved' chunks read as text")
     parser.add_argument("--max-questions", type=int, default=None)
     parser.add_argument("--segment-length", type=int, default=defaults.DEFAULT_SEGMENT_LENGTH)
     parser.add_argument("--decoder", default=None, help="tokenizer of this decoder (default: the embedded model)")
@@ -192,7 +206,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.data_dir, args.split, tokenizer, messages_fn(args.template),
         segment_length=args.segment_length, kinds=[k for k in args.kinds.split(",") if k], top_k=args.top_k,
         expansion_mix=[int(v) for v in args.expansion_mix.split(",")], max_questions=args.max_questions,
-        seed=args.seed, progress=True)
+        policy=args.policy, seed=args.seed, progress=True)
     write_query_examples(args.out, examples)
     print(f"{len(examples)} examples -> {args.out}")
     return 0

@@ -330,7 +330,7 @@ def test_chain_on_smollm2_with_identity_compressor_equals_plain_model(smollm2, t
 
 
 def test_expanded_chunks_come_back_as_text_in_reading_order():
-    retriever = LLoCOLangChainRetriever(index=tiny_chunk_index(), k=3, expand_top_k=1)
+    retriever = LLoCOLangChainRetriever(index=tiny_chunk_index(), k=3, expand_top_k=1, policy="score")
     docs = retriever.invoke("Who kept the lighthouse?")
     expanded = [d for d in docs if d.metadata["lloco_expanded"]]
     assert len(expanded) == 1 and expanded[0].page_content == expanded[0].metadata["lloco_text"]
@@ -339,6 +339,25 @@ def test_expanded_chunks_come_back_as_text_in_reading_order():
     assert best is expanded[0]  # the score policy expands the best hit
     assert [d.page_content for d in retriever.invoke("Who kept the lighthouse?", expand_top_k=0)] == [
         f"<|lloco:{d.metadata['lloco_id']}|>" for d in docs]
+
+
+def test_the_expansion_policy_chooses_which_chunk_comes_back_as_text():
+    from lloco_index.selection import Candidate, lexical_scores
+
+    question = "How tall is the tower in Paris, in metres?"  # two Eiffel chunks: the second-scored has more of its words
+    expanded = {}
+    for policy in ("score", "lexical"):
+        docs = LLoCOLangChainRetriever(index=tiny_chunk_index(), k=3, expand_top_k=1, policy=policy).invoke(question)
+        expanded[policy] = [d for d in docs if d.metadata["lloco_expanded"]]
+        assert len(expanded[policy]) == 1
+    scores = [d.metadata["lloco_score"] for d in docs]
+    lexical = lexical_scores(question, [Candidate(str(i), "d", i, s, 1, 1, text=d.metadata["lloco_text"])
+                                        for i, (d, s) in enumerate(zip(docs, scores))])
+    assert expanded["score"][0].metadata["lloco_score"] == max(scores)
+    assert expanded["lexical"][0].metadata["lloco_text"] == docs[lexical.index(max(lexical))].metadata["lloco_text"]
+    assert expanded["lexical"][0].metadata["lloco_id"] != expanded["score"][0].metadata["lloco_id"]
+    with pytest.raises(ValueError, match="pass reader=chat_model.reader"):
+        LLoCOLangChainRetriever(index=tiny_chunk_index(), policy="likelihood")
 
 
 def test_select_chunks_bad_input_gets_the_documented_fallback_never_a_cut_chunk():

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from lloco_index.errors import UnknownPlaceholderError
-from lloco_index.selection import Candidate, SelectionConfig, select, selection_counts
+from lloco_index.selection import (
+    Candidate,
+    SelectionConfig,
+    expansion_scores,
+    lexical_scores,
+    select,
+    selection_counts,
+)
 
 
 def _c(pid, doc, chunk, score, soft=32, text=250):
@@ -70,5 +77,50 @@ def test_bad_settings_are_refused(field, value):
 
 
 def test_unknown_policy_is_refused():
-    with pytest.raises(ValueError, match="score, likelihood"):
+    with pytest.raises(ValueError, match="score, lexical, likelihood"):
         SelectionConfig(policy="random")
+
+
+# ----------------------------------------------------------------------- the expansion policies
+def _t(pid, chunk, score, text):
+    return Candidate(pid, "d1", chunk, score, 32, 250, text=text)
+
+
+LEXICAL = [
+    _t("topic", 0, 0.9, "Lighthouses guide ships along the coast; the keepers lived in the towers."),
+    _t("answer", 1, 0.8, "Grace Darling, the keeper's daughter, rowed to the Forfarshire wreck in 1838."),
+    _t("other", 2, 0.7, "The coast has many lighthouses and many towers."),
+]
+
+
+def test_lexical_policy_expands_the_chunk_with_the_questions_rare_words():
+    question = "Who rowed to the Forfarshire wreck?"
+    scores = expansion_scores("lexical", question, LEXICAL)
+    assert scores == lexical_scores(question, LEXICAL) and scores[1] > 0 == scores[0] == scores[2]
+    picked = select(LEXICAL, SelectionConfig(expand_top_k=1, position_budget=None), expansion_scores=scores)
+    assert _form(picked) == [("topic", False), ("answer", True), ("other", False)]  # reading order kept
+    # The retriever's own order would have expanded the best-scored topic chunk.
+    assert _form(select(LEXICAL, SelectionConfig(expand_top_k=1, position_budget=None)))[0] == ("topic", True)
+
+
+def test_lexical_weights_a_word_every_chunk_shares_below_a_rare_one():
+    scores = lexical_scores("Which towers did the keepers of the coast live in?", LEXICAL)
+    # "keepers" appears in one chunk only, "coast"/"towers" in two: the one with the rare word wins.
+    assert scores[0] > scores[2] > scores[1] == 0
+
+
+def test_lexical_ranks_chunks_without_text_last_and_ties_keep_the_retrievers_order():
+    no_text = [_t("a", 0, 0.9, None), _t("b", 1, 0.8, "nothing in common"), _t("c", 2, 0.7, "nothing here")]
+    scores = lexical_scores("Forfarshire?", no_text)
+    assert scores[0] == float("-inf") and scores[1] == scores[2] == 0
+    picked = select(no_text, SelectionConfig(expand_top_k=1, position_budget=None), expansion_scores=scores)
+    assert [s.candidate.id for s in picked if s.expanded] == ["b"]  # a tie: the better-scored of the two
+
+
+def test_expansion_scores_dispatch():
+    assert expansion_scores("score", "Who?", LEXICAL) is None
+    assert expansion_scores("lexical", None, LEXICAL) is None  # no question: the retriever's order
+    with pytest.raises(ValueError, match="pass the reader"):
+        expansion_scores("likelihood", "Who?", LEXICAL)
+    with pytest.raises(ValueError, match="Unknown expansion policy 'bm42'"):
+        expansion_scores("bm42", "Who?", LEXICAL)
