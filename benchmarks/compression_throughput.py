@@ -31,7 +31,7 @@ import torch
 from lloco_index import defaults
 from lloco_index.backbone import Backbone
 from lloco_index.eval import datasets as ds
-from lloco_index.eval.retrieval import chunk_by_tokens
+from lloco_index.chunking import chunk_text
 from lloco_index.eval.runner import default_compressor_specs, machine_info, resolve_compressors
 from lloco_index.precision import autocast, compute_dtype, set_precision
 
@@ -74,7 +74,7 @@ def main(argv=None) -> None:
     rows = []
     for entry in entries:
         compressor = entry.compressor
-        chunks = chunk_by_tokens(text, backbone.tokenizer, compressor.segment_length)
+        chunks = [c.text for c in chunk_text(text, backbone.tokenizer, compressor.segment_length)]
         segments = [backbone.tokenize(c) for c in chunks]
         n_tokens = sum(len(s) for s in segments)
         timings: dict[str, dict[str, float]] = {}

@@ -56,7 +56,7 @@ def _plan(args) -> dict:
     from lloco_index.backbone import Backbone
     from lloco_index.compressors import default_compressor
     from lloco_index.eval.datasets import load_squad
-    from lloco_index.eval.retrieval import chunk_by_tokens
+    from lloco_index.chunking import chunk_text
     from lloco_index.eval.systems import CHUNK_SEPARATOR, build_messages
     from lloco_index.placeholders import make_placeholder
     from lloco_index.store import SoftPromptStore
@@ -79,7 +79,7 @@ def _plan(args) -> dict:
     store = SoftPromptStore.for_compressor(compressor)
     contexts, compress_s, tensors, source_tokens = {}, 0.0, {}, 0
     for doc_id, n in articles:
-        chunks = chunk_by_tokens(bench.documents[doc_id].text, tok, compressor.segment_length)
+        chunks = [c.text for c in chunk_text(bench.documents[doc_id].text, tok, compressor.segment_length)]
         start = time.perf_counter()
         with torch.inference_mode():
             prompts = compressor.compress(chunks)

@@ -61,14 +61,14 @@ def needle_chunks(lengths: list[int], depths: list[float], segment: int) -> dict
     from transformers import AutoTokenizer
 
     from lloco_index.eval import datasets as ds
-    from lloco_index.eval.retrieval import chunk_by_tokens
+    from lloco_index.chunking import chunk_text
     from lloco_index.models import default_decoder_dir
 
     tok = AutoTokenizer.from_pretrained(str(default_decoder_dir()))
     bench = ds.needle_in_a_haystack(None, tok, lengths=lengths, depths=depths)
     out = {}
     for doc_id, doc in bench.documents.items():
-        chunks = chunk_by_tokens(doc.text, tok, segment)
+        chunks = [c.text for c in chunk_text(doc.text, tok, segment)]
         out[doc_id] = {i for i, c in enumerate(chunks) if NEEDLE_MARK in c or "sandwich and sit" in c}
     return out
 

@@ -32,7 +32,7 @@ from lloco_index.backbone import Backbone
 from lloco_index.eval import datasets as ds
 from lloco_index.eval.runner import default_compressor_specs, machine_info, resolve_compressors
 from lloco_index.eval.systems import CHUNK_SEPARATOR, PeakRSS, build_messages, timed_generate
-from lloco_index.eval.retrieval import chunk_by_tokens
+from lloco_index.chunking import chunk_text
 from lloco_index.generation import AUTO, SoftPromptReader
 from lloco_index.placeholders import make_placeholder
 from lloco_index.store import SoftPromptStore
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         else:
             rows.append({"system": "full_context", "length": length, "skipped": f"{length} tokens exceed the {window}-position window"})
         # Soft prompts of every chunk (no retrieval).
-        chunks = chunk_by_tokens(doc.text, backbone.tokenizer, compressor.segment_length)
+        chunks = [c.text for c in chunk_text(doc.text, backbone.tokenizer, compressor.segment_length)]
         store = SoftPromptStore.for_compressor(compressor)
         start = time.perf_counter()
         prompts = compressor.compress(chunks)

@@ -27,9 +27,9 @@ DEFAULT_POSITION_BUDGET = 1536  # positions of retrieved context per query (soft
 # Selective expansion (lloco_index.selection): the best chunks go in as text, the rest as soft prompts.
 DEFAULT_EXPAND_TOP_K = 1
 DEFAULT_TEXT_BUDGET = 1024  # positions of expanded text per query
-# Which retrieved chunks go in as text (lloco_index.selection): "lexical" puts the answer-bearing chunk first on
-# 72.5% of 1,572 SQuAD test questions against 62.6% for the retriever's own "score" (benchmarks/expansion_policy.py).
-DEFAULT_EXPANSION_POLICY = "lexical"
+# "lexical" puts the answer-bearing chunk first on 72.5% of 1,572 SQuAD test questions against 62.6% for the
+# retriever's own "score" order (benchmarks/expansion_policy.py).
+DEFAULT_EXPANSION_POLICY = "lexical"  # which chunks to expand: "lexical", "score" or "likelihood" (selection.py)
 DEFAULT_MAX_NEW_TOKENS = 64
 # Concurrent async calls (asyncio.gather, LangChain batch/abatch) answered in one left-padded batch, up to this many.
 # Batched rows see exactly what they would see alone (masks and positions per row), and on a small model a decoder

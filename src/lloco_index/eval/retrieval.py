@@ -1,7 +1,7 @@
 """The one retriever that serves text RAG, LLMLingua and the lloco systems in a benchmark run.
 
-Documents are cut into token-exact chunks of the compressor's segment length (so a chunk is one
-soft-prompt segment), embedded with the local all-MiniLM-L6-v2, and searched with faiss inner
+Documents are cut by the shipped chunker (:func:`lloco_index.chunking.chunk_text`: token-exact chunks of the
+compressor's segment length, ending at a sentence end where one is near, as every index cuts them), embedded with the local all-MiniLM-L6-v2, and searched with faiss inner
 product over normalised vectors (:mod:`lloco_index.vectors`, as the LangChain index does). Retrieved chunks are returned in document order, as
 LLoCORetriever does, so text and soft prompts arrive in the same order.
 
@@ -16,34 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ..chunking import chunk_text
 from ..vectors import DenseIndex, Embedder, as_embedder
 
 
 def load_embedder(path: Optional[str] = None):
     """The packaged sentence-transformers model (no download; one copy per process, shared with the LangChain index)."""
     return Embedder(path).model
-
-
-def chunk_by_tokens(text: str, tokenizer, chunk_tokens: int) -> list[str]:
-    """Cut ``text`` into pieces of at most ``chunk_tokens`` tokens *after re-tokenisation*.
-
-    Decoding a token window and tokenising it again can give a different count at the edges; a
-    piece that grows past the limit is shortened token by token, so each chunk is exactly one
-    compressor segment.
-    """
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    chunks: list[str] = []
-    start = 0
-    while start < len(ids):
-        end = min(start + chunk_tokens, len(ids))
-        piece = tokenizer.decode(ids[start:end])
-        while end - start > 1 and len(tokenizer(piece, add_special_tokens=False)["input_ids"]) > chunk_tokens:
-            end -= 1
-            piece = tokenizer.decode(ids[start:end])
-        if piece.strip():
-            chunks.append(piece)
-        start = end
-    return chunks
 
 
 @dataclass
@@ -62,7 +41,7 @@ class ChunkIndex:
 
         start = time.perf_counter()
         embedder = as_embedder(embedder)
-        chunks = chunk_by_tokens(text, tokenizer, chunk_tokens)
+        chunks = [c.text for c in chunk_text(text, tokenizer, chunk_tokens)]
         index = DenseIndex(embedder.embed_documents(chunks))
         return cls(chunks, index, embedder, time.perf_counter() - start)
 
