@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tuned = engine.get_finetuned_model(max_new_tokens=args.max_new_tokens)
     plain = LLoCOLLM(compressor, store, max_new_tokens=args.max_new_tokens, adapter=None)
 
-    def via_engine(model, expand_top_k=0, top_k=args.top_k, policy="score"):
+    def via_engine(model, expand_top_k=0, top_k=args.top_k, policy="score"):  # "score": the rows measured first
         query_engine = LLoCOQueryEngine.from_index(index, model, similarity_top_k=top_k, expand_top_k=expand_top_k,
                                                    policy=policy)
 
@@ -184,6 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("hybrid1_adapter", via_engine(tuned, expand_top_k=1)),
             ("hybrid2_adapter", via_engine(tuned, expand_top_k=2)),
             ("hybrid1_likelihood_adapter", via_engine(tuned, expand_top_k=1, policy="likelihood")),
+            ("hybrid1_lexical_adapter", via_engine(tuned, expand_top_k=1, policy="lexical")),
+            ("hybrid2_lexical_adapter", via_engine(tuned, expand_top_k=2, policy="lexical")),
             ("text_rag_top1_adapter", via_engine(tuned, expand_top_k=1, top_k=1)),
             (f"text_rag_top{args.top_k}_adapter", via_engine(tuned, expand_top_k=args.top_k)),
             # The text baselines read with the same finetuned adapter as the lloco systems.
