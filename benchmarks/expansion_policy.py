@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 from lloco_index import defaults
 from lloco_index.eval import datasets as ds
 from lloco_index.eval.retrieval import ChunkIndex, load_embedder
+from lloco_index.eval.runner import machine_info
 from lloco_index.models import resolve_decoder_path
 from lloco_index.selection import Candidate, SelectionConfig, expansion_scores, select
 
@@ -94,7 +93,7 @@ def main() -> None:
     }
     record = {"results": results, "top_k": args.top_k, "segment_length": segment, "policies": list(POLICIES),
               "needle_depths": args.needle_depths, "seconds": round(time.time() - start, 1),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
+              "machine": machine_info(),
               "command": "python benchmarks/expansion_policy.py --out " + args.out}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
