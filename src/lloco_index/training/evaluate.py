@@ -26,7 +26,7 @@ import torch
 
 from ..eval.metrics import exact_match, f1_score
 from ..precision import generation_autocast
-from .data import QAExample, Window, load_documents, make_windows, tokenize_documents
+from .data import QAExample, Window, context_text, load_documents, make_windows, tokenize_documents
 from .objectives import Example, PromptBuilder, build_decoder_batch, decoder_logits, per_example_scores
 
 
@@ -141,7 +141,7 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     scores = {k: {"em": 0.0, "f1": 0.0} for k in names}
     for ex in qa:
         head, tail = builder.qa_pieces(ex.question)
-        segment = backbone.tokenize(ex.context)[: compressor.segment_length]
+        segment = backbone.tokenize(context_text(ex))[: compressor.segment_length]
         soft = compressor.encode([segment])[0].to(table.weight.dtype)
         full = torch.cat([emb(head), emb(segment), emb(tail)])
         closed = emb(builder.qa_pieces(ex.question, with_context=False)[0])
@@ -151,8 +151,8 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
         for name in names:
             adapter, embeds = inputs[name]
             answer = _generate(backbone, adapter, embeds, max_new_tokens)
-            scores[name]["em"] += exact_match(answer, ex.answers)
-            scores[name]["f1"] += f1_score(answer, ex.answers)
+            scores[name]["em"] += exact_match(answer, ex.references)
+            scores[name]["f1"] += f1_score(answer, ex.references)
     n = max(len(qa), 1)
     out = {f"qa_{k}_{m}": v / n for k, d in scores.items() for m, v in d.items()}
     gap = out["qa_full_f1"] - out["qa_closed_f1"]

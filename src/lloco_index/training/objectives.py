@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..precision import autocast
-from .data import QAExample, Window
+from .data import QAExample, Window, context_text
 
 OBJECTIVES = ("ae", "lm", "kl", "qa", "ac", "distill")  # "distill": .query_loss
 AE_PROMPT = "\nThe text above, repeated word for word:\n"
@@ -108,8 +108,8 @@ class PromptBuilder:
 
     def qa_example(self, qa: QAExample, segment_length: int, answer: Optional[str] = None) -> Example:
         head, tail = self.qa_pieces(qa.question)
-        segment = self._ids(qa.context)[:segment_length]
-        target = self._ids(answer if answer is not None else qa.answers[0]) + self.eos
+        segment = self._ids(context_text(qa))[:segment_length]
+        target = self._ids(answer if answer is not None else qa.answer) + self.eos
         return Example("qa", segment, head, tail, target)
 
 

@@ -410,6 +410,11 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     if mix.weights.get("qa", 0) > 0:
         qa_pool = load_qa_jsonl(config.qa_file) if config.qa_file else load_squad_qa(
             Path(config.data_dir) / "squad/train.json", config.segment_length, backbone.tokenize)
+        unusable = [ex.id for ex in qa_pool if ex.answer is None or not ex.contexts]
+        if unusable or not qa_pool:
+            raise ValueError(f"The 'qa' objective needs an answer and a context for every example; "
+                             f"{config.qa_file or 'the QA data'} has {len(unusable)} without (ids {unusable[:3]}) "
+                             f"of {len(qa_pool)}.")
 
     torch.manual_seed(config.seed)  # LoRA initialisation; a resume overwrites weights and RNG anyway
     compressor = build_compressor(config, backbone)

@@ -165,7 +165,7 @@ def test_qa_eval_reports_reader_controls(tmp_path, tokenizer, windows):
 
     result = pretrain(config(tmp_path, steps=1, checkpoint_every=0), backbone=tiny_backbone(tokenizer),
                       windows=windows, progress=False)
-    qa = [QAExample(TEXT[:400], "Who led the Norse raiders?", ["Rollo"], "t")]
+    qa = [QAExample("Who led the Norse raiders?", "Rollo", contexts=[TEXT[:400]], group="t")]
     m = evaluate_qa(result.compressor, qa, reader_adapter=result.compressor.reader_adapter, max_new_tokens=4)
     for name in ("soft", "full", "closed", "full_reader", "closed_reader"):
         assert 0.0 <= m[f"qa_{name}_f1"] <= 1.0 and 0.0 <= m[f"qa_{name}_em"] <= 1.0, name
