@@ -46,7 +46,7 @@ from .data import (
 )
 from .evaluate import evaluate_compressor, held_out_windows
 from .model_card import describe_machine
-from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
+from .objectives import ObjectiveMix, mixed_loss, qa_example, window_example
 from .query_data import load_query_examples
 from .query_loss import DistillWeights, chunk_segments, distill_loss
 from .recursive import recursive_lm_loss, split_segments
@@ -390,8 +390,6 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     if config.threads:
         torch.set_num_threads(config.threads)
     backbone = backbone or Backbone.load(config.decoder, device=select_device(config.device))
-    tokenizer = backbone.tokenizer
-    builder = PromptBuilder(tokenizer)
     mix = ObjectiveMix(dict(config.objectives))
 
     if windows is None:
@@ -506,11 +504,11 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                     queries.append(distill_pool[rng.randrange(len(distill_pool))])
                 elif name == "qa":
                     qa = qa_pool[rng.randrange(len(qa_pool))]
-                    examples.append(builder.qa_example(qa, seg_len))
+                    examples.append(qa_example(reader, qa, seg_len))
                 elif name == "ac":
                     recursive.append(split_segments(full.segment, seg_len, n_chunks))
                 else:
-                    examples.append(builder.window_example(name, w))
+                    examples.append(window_example(reader, name, w))
             loss, n_scored = None, 0
             if examples:
                 soft = encode([e.segment for e in examples], step)

@@ -174,6 +174,34 @@ def test_qa_eval_reports_reader_controls(tmp_path, tokenizer, windows):
     assert "qa_closed_reader_f1" not in evaluate_qa(result.compressor, qa, reader_adapter=None, max_new_tokens=4)
 
 
+def test_qa_objective_reads_what_a_query_reads(tmp_path, tokenizer, windows):
+    # The qa objective's decoder input is the reader's own preparation of the same messages: the same
+    # embeddings as SoftPromptReader.prepare gives a query holding that soft prompt, and the answer as the
+    # reader's chat template closes it.
+    from lloco_index.generation import SoftPromptReader
+    from lloco_index.placeholders import make_placeholder
+    from lloco_index.store import SoftPromptStore
+    from lloco_index.training.data import QAExample
+    from lloco_index.training.objectives import build_decoder_batch, qa_example, qa_messages
+
+    compressor = pretrain(config(tmp_path, steps=1, checkpoint_every=0), backbone=tiny_backbone(tokenizer),
+                          windows=windows, progress=False).compressor
+    qa = QAExample("Who led the Norse raiders?", "Rollo", contexts=[TEXT[:150]])
+    reader = SoftPromptReader(compressor.backbone, SoftPromptStore.for_compressor(compressor), compressor=compressor)
+    example = qa_example(reader, qa, compressor.segment_length)
+    with torch.no_grad():
+        [soft] = compressor.encode([example.segment])
+    reader.store.put({"c0": soft})
+    query = reader.prepare(qa_messages(qa.question, make_placeholder("c0")))
+    # With the soft prompt as the store gives it back (at its storage precision), the inputs are equal.
+    embeds, _, labels = build_decoder_batch(compressor.backbone, [example], [reader.store.get("c0")])
+    n_prompt = query.inputs_embeds.shape[1]
+    assert torch.equal(embeds[0, :n_prompt], query.inputs_embeds[0])
+    assert example.target_ids == reader.answer_ids(qa_messages(qa.question, make_placeholder("c0")), "Rollo")
+    assert labels[0, n_prompt:n_prompt + len(example.target_ids)].tolist() == example.target_ids
+    assert query.soft_positions == soft.shape[0] and (labels[0, :n_prompt] == -100).all()
+
+
 def test_export_round_trip(tmp_path, tokenizer, windows):
     from lloco_index.compressors.loading import load_compressor
     from lloco_index.training.pretrain import export_checkpoint
