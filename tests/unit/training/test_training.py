@@ -20,15 +20,7 @@ from lloco_index.training.data import WindowSampler, make_windows, shorten
 from lloco_index.training.evaluate import evaluate_compressor
 from lloco_index.training.pretrain import PretrainConfig, pretrain, trainable_state
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model gains nothing from threads, and on a shared CPU extra threads mostly spin-wait.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
