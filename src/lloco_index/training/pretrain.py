@@ -47,7 +47,7 @@ from .data import (
 from .evaluate import evaluate_compressor, held_out_windows
 from .model_card import describe_machine
 from .objectives import ObjectiveMix, mixed_loss, qa_example, window_example
-from .query_data import load_query_examples
+from .query_data import QueryExample, load_query_examples
 from .query_loss import DistillWeights, chunk_segments, distill_loss
 from .recursive import recursive_lm_loss, split_segments
 from .loop import AfterStep, StepStats, TrainLoop
@@ -364,13 +364,16 @@ def _log(run_dir: Path, record: dict[str, Any]) -> None:
 
 def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, resume: bool = True,
              progress: bool = True, stop_after: Optional[int] = None,
-             windows: Optional[list[Window]] = None, eval_windows: Optional[list[Window]] = None) -> PretrainResult:
+             windows: Optional[list[Window]] = None, eval_windows: Optional[list[Window]] = None,
+             distill_examples: Optional[list[QueryExample]] = None) -> PretrainResult:
     """Train (or resume) a compressor; returns it with the metrics history.
 
     ``resume=True`` continues from the newest loadable checkpoint in ``run_dir`` (exactly: weights,
     optimizer, scheduler, RNG, data position). ``stop_after`` ends this call after that many steps
-    (for time-sliced runs); ``windows``/``eval_windows`` override the data (tests). Pass a fresh
-    ``backbone`` per run: adapters are added to it.
+    (for time-sliced runs); ``windows``/``eval_windows`` override the data (tests), ``distill_examples`` the
+    examples read from ``config.distill_file`` (a caller running several trainings reads them once). A
+    ``backbone`` passed in gets this run's adapters: pass a fresh one, or one whose earlier run's compressor
+    was ``release()``-d.
 
     >>> pretrain(PretrainConfig(run_dir="runs/mean-4x", n_slots=64, pool_layer=8, steps=400))
     """
@@ -401,7 +404,7 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                                         config.eval_continuation_length, documents=eval_docs)
     distill_pool = None
     if mix.weights.get("distill", 0) > 0:
-        distill_pool = load_query_examples(config.distill_file)
+        distill_pool = list(distill_examples) if distill_examples is not None else load_query_examples(config.distill_file)
         if not distill_pool:
             raise ValueError(f"{config.distill_file} holds no examples.")
     qa_pool = None

@@ -40,12 +40,7 @@ PARAGRAPHS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +218,23 @@ def _check_recipe_output(out, decoder, ratios):
     assert sum(f.stat().st_size for f in (out / "compressor").rglob("*") if f.is_file()) < 60 * 2**20
 
 
-def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, tmp_path):
+def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, tmp_path, monkeypatch):
     """The prepared recipe on a tiny decoder: every ratio trained within its share of the budget, evaluated on
-    the same questions as the starting compressor, the best exported with a model card listing every run."""
+    the same questions as the starting compressor, the best exported with a model card listing every run.
+    The decoder is loaded and the training examples are read once for all probes and runs."""
+    from lloco_index.backbone import Backbone
+    from lloco_index.training import query_data
     from lloco_index.training.recipe import main
 
     decoder, train, test, args = _tiny_recipe_inputs(examples, tmp_path)
+    loads, reads = [], []
+    real_load, real_read = Backbone.load.__func__, query_data.load_query_examples
+    monkeypatch.setattr(Backbone, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    monkeypatch.setattr(query_data, "load_query_examples", lambda path: reads.append(str(path)) or real_read(path))
+    monkeypatch.setattr("lloco_index.training.pretrain.load_query_examples", query_data.load_query_examples)
     out = tmp_path / "out"
     assert main(["--train", str(train), "--test", str(test), "--out", str(out), "--ratios", "4,2", *args]) == 0
+    assert len(loads) == 1 and sorted(reads) == sorted([str(train), str(test)])
     _check_recipe_output(out, decoder, [4, 2])
 
 
