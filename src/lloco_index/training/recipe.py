@@ -10,7 +10,7 @@ path, and writes to ``--out``:
 * ``compressor/``: the best run, exported (weights, reader adapter, ``MODEL_CARD.md`` listing every run),
   and ``ships: true`` in results.json when it beats the starting compressor by more than ``--margin``.
 
-It needs only the project, the examples and the model files: no network, no framework. Made for one
+It needs only this package, the examples and the model files: no network, no framework. Made for one
 GPU (``scripts/gpu_recipe.sh`` carries everything to a machine that has one); the same command runs
 on a CPU with a tiny model in the tests.
 
