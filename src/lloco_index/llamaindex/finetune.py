@@ -209,7 +209,7 @@ class LLoCOFinetuneEngine:
             # The synthesizer LLoCOQueryEngine.from_index builds, over this retriever.
             from llama_index.core import get_response_synthesizer
 
-            from .prompt_helper import LLoCOPromptHelper
+            from .query_engine import LLoCOPromptHelper
 
             synth = get_response_synthesizer(llm=llm, prompt_helper=LLoCOPromptHelper.from_llm(llm),
                                              response_mode=response_mode)
