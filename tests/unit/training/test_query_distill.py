@@ -276,3 +276,29 @@ def test_gpu_recipe_script_device_stage(examples, tmp_path):
     here = tmp_path / "back"
     subprocess.run(["bash", script, "unpack", str(out), str(here)], env=env, check=True, capture_output=True)
     _check_recipe_output(here, decoder, [2])
+
+
+def test_teacher_answers_file_trains_the_qa_objective(data_dir, tmp_path):
+    """`python -m lloco_index.training.distill`: the base decoder's answers, read through the reader from the
+    qa objective's messages, land in a QA file that pretraining's qa objective trains on."""
+    from lloco_index.training.data import load_qa_jsonl
+    from lloco_index.training.distill import main
+    from lloco_index.training.objectives import qa_messages
+
+    # initializer_range 0.2: the 0.02-scale random model's greedy answers decode to whitespace only, and
+    # empty teacher answers are dropped.
+    teacher = tiny_backbone(initializer_range=0.2)
+    decoder = tmp_path / "decoder"
+    teacher.base_model.save_pretrained(str(decoder))
+    smollm2_tokenizer().save_pretrained(str(decoder))
+    out = tmp_path / "teacher.jsonl"
+    assert main(["--out", str(out), "--data-dir", str(data_dir), "--n", "2", "--segment-length", "64",
+                 "--decoder", str(decoder), "--threads", "1"]) == 0
+    written = load_qa_jsonl(out)
+    assert written and all(ex.answer and ex.references[0] == ex.answer and len(ex.references) == 2 for ex in written)
+    reader = SoftPromptReader(teacher, adapter=None)
+    ex = written[0]
+    assert reader.generate(qa_messages(ex.question, ex.contexts[0]), max_new_tokens=24).text == ex.answer
+    result = pretrain(config(tmp_path / "run", objectives={"qa": 1.0}, qa_file=str(out), steps=1, checkpoint_every=0),
+                      backbone=tiny_backbone(), windows=None, eval_windows=[], progress=False)
+    assert "loss_qa" in result.history[-1]
