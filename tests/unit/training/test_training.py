@@ -110,7 +110,9 @@ def _as_legacy_file(run_dir, step: int) -> None:
     (run_dir / ckpt.CHECKPOINT_DIR / ckpt.POINTER).unlink()
 
 
-def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, windows):
+def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, windows, capsys):
+    from lloco_index.cli import main
+
     full = pretrain(config(tmp_path / "full"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
     for name in ("old", "converted"):
         pretrain(config(tmp_path / name), backbone=tiny_backbone(tokenizer), windows=windows, progress=False,
@@ -118,9 +120,18 @@ def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, w
         _as_legacy_file(tmp_path / name, 3)
     assert [p.name for p in ckpt.legacy_checkpoints(tmp_path / "old")] == ["step-00000003.pt"]
 
-    written = ckpt.convert_legacy_checkpoints(tmp_path / "converted", remove=True)
-    assert [p.name for p in written] == ["step-000003"] and not ckpt.legacy_checkpoints(tmp_path / "converted")
-    assert ckpt.CheckpointDir(tmp_path / "converted" / ckpt.CHECKPOINT_DIR).latest_name() == "step-000003"
+    assert main(["pretrain", "--convert-checkpoints", str(tmp_path / "converted"), "--remove-legacy"]) == 0
+    folder = tmp_path / "converted" / ckpt.CHECKPOINT_DIR
+    assert capsys.readouterr().out.splitlines() == [f"wrote {folder / 'step-000003'}"]
+    assert not ckpt.legacy_checkpoints(tmp_path / "converted")
+    assert ckpt.CheckpointDir(folder).latest_name() == "step-000003"
+    # A second call has nothing left to convert; a damaged file is named and kept.
+    assert main(["pretrain", "--convert-checkpoints", str(tmp_path / "converted")]) == 0
+    assert "nothing to convert" in capsys.readouterr().out
+    (folder / "step-00000009.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="1 of 1 .pt checkpoints .* did not load and were left as they are"):
+        main(["pretrain", "--convert-checkpoints", str(tmp_path / "converted")])
+    (folder / "step-00000009.pt").unlink()
 
     a = trainable_state(full.compressor)
     for name in ("old", "converted"):
