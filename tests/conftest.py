@@ -38,3 +38,14 @@ def _threads():
 
     torch.set_num_threads(int(os.environ.get("LLOCO_TEST_THREADS", "2")))
     yield
+
+
+@pytest.fixture
+def one_thread(_threads):
+    """One torch thread, for modules on tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    tiny matmuls gain nothing from a second thread, and on a busy machine it only spin-waits for a core.
+    Set after ``_threads``, which every test runs first."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

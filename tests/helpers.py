@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import tiny_models
 from llama_index.core import Document
@@ -88,8 +90,9 @@ def finetune_backbone(identity: str = "tiny-test"):
     return tiny_models.tiny_backbone(identity=identity, initializer_range=0.2)
 
 
-def cli_storage(tmp_path):
-    """A persisted index of a tiny decoder saved to disk (what `lloco-index compress` leaves behind)."""
+def cli_storage(tmp_path) -> tuple[Path, str]:
+    """A persisted index of a tiny decoder saved to disk (what `lloco-index compress` leaves behind): its
+    directory, and the fingerprint of the compressor it was built with."""
     from lloco_index.backbone import Backbone
     from lloco_index.compressors import TokenEmbeddingCompressor, TokenEmbeddingConfig
     from lloco_index.llamaindex import build_index
@@ -102,5 +105,7 @@ def cli_storage(tmp_path):
     backbone = Backbone.load(model_dir)
     compressor = TokenEmbeddingCompressor(backbone, TokenEmbeddingConfig(segment_length=FINETUNE_SEGMENT,
                                                                          base_model=backbone.identity))
+    # base_model given explicitly: a compressor made in code hashes the config's default base_model into its
+    # fingerprint, and save_pretrained rewrites it, so the reloaded compressor would not match its own store.
     build_index(FINETUNE_DOCS, compressor, persist_dir=tmp_path / "storage", embed_model=default_embed_model())
-    return tmp_path / "storage"
+    return tmp_path / "storage", compressor.fingerprint

@@ -26,7 +26,25 @@ from .store import SoftPromptStore
 
 AUTO = "auto"  # use the compressor's reader adapter when it ships one
 
+Piece = Union[list[int], SoftPromptRef]  # a text piece's token ids, or the placeholder of a soft prompt
 
+
+def embed_pieces(table: torch.nn.Embedding, pieces: Sequence[Piece],
+                 soft: Callable[[SoftPromptRef], torch.Tensor]) -> list[torch.Tensor]:
+    """Each piece's input embeddings, in order: text through the decoder's embedding ``table``, each
+    placeholder replaced by ``soft(ref)`` (cast to the table's dtype and device; training keeps its gradient).
+
+    The one splicing of soft prompts into a prompt: queries (:meth:`SoftPromptReader.prepare`) and every
+    training objective and evaluation build their decoder inputs with it.
+    """
+    out: list[torch.Tensor] = []
+    for piece in pieces:
+        if isinstance(piece, SoftPromptRef):
+            out.append(soft(piece).to(device=table.weight.device, dtype=table.weight.dtype))
+        else:
+            with torch.no_grad():  # the embedding table is never trained
+                out.append(table(torch.tensor(piece, dtype=torch.long, device=table.weight.device)))
+    return out
 
 
 class SoftPromptReader:
@@ -108,13 +126,13 @@ class SoftPromptReader:
         return self.store
 
     # -------------------------------------------------------------- inputs
-    def prompt_pieces(self, messages: Sequence[Message]) -> list[Union[list[int], SoftPromptRef]]:
+    def prompt_pieces(self, messages: Sequence[Message]) -> list[Piece]:
         """The rendered prompt as the decoder reads it: token ids of each text piece, and placeholder refs.
 
         :meth:`prepare` embeds these pieces; training builds its inputs from the same pieces, so a
         compressor and its reader are trained on exactly the prompt a query sends.
         """
-        out: list[Union[list[int], SoftPromptRef]] = []
+        out: list[Piece] = []
         for piece in split_prompt(self.render(messages)):
             if isinstance(piece, SoftPromptRef):
                 out.append(piece)
@@ -124,13 +142,13 @@ class SoftPromptReader:
                     out.append(ids)
         return out
 
-    def answer_ids(self, messages: Sequence[Message], answer: str, max_tokens: int) -> list[int]:
+    def answer_ids(self, messages: Sequence[Message], answer: str, max_tokens: Optional[int] = None) -> list[int]:
         """Token ids the decoder must produce after the rendered ``messages`` to answer ``answer``.
 
         The answer as the chat template closes it (for SmolLM2 ``answer + <|im_end|>``: everything the
         template appends after the generation prompt, up to and including the first end-of-sequence
-        token, where generation stops), cut to ``max_tokens``. The training target of every adapter and
-        compressor trained on queries.
+        token, where generation stops), cut to ``max_tokens`` (``None``: whole). The training target of
+        every adapter and compressor trained on queries.
         """
         tok = self.backbone.tokenizer
         eos = tok.eos_token_id
@@ -147,30 +165,27 @@ class SoftPromptReader:
                     ids = ids[: ids.index(eos) + 1]
         if ids is None:  # no chat template, or one that rewrites earlier turns: answer + EOS
             ids = self.text_ids(answer) + ([eos] if eos is not None else [])
-        return ids[:max_tokens]
+        return ids if max_tokens is None else ids[:max_tokens]
 
     def prepare(self, messages: Sequence[Message], *, max_new_tokens: Optional[int] = None) -> PreparedPrompt:
         """Build ``inputs_embeds`` for the rendered messages; unknown ids raise UnknownPlaceholderError."""
         table = self.backbone.embedding_table()
-        pieces: list[torch.Tensor] = []
-        text_positions = soft_positions = 0
-        used: list[str] = []
-        for piece in self.prompt_pieces(messages):
-            if isinstance(piece, SoftPromptRef):
-                soft = self._store().get(piece).to(device=table.weight.device, dtype=table.weight.dtype)
-                if soft.shape[-1] != table.weight.shape[1]:
-                    raise ContextBudgetError(
-                        f"Soft prompt '{piece}' has hidden size {soft.shape[-1]} but the decoder expects "
-                        f"{table.weight.shape[1]}: the store belongs to another model."
-                    )
-                pieces.append(soft)
-                soft_positions += soft.shape[0]
-                used.append(str(piece))
-            else:
-                with torch.no_grad():
-                    pieces.append(table(torch.tensor(piece, device=table.weight.device)))
-                text_positions += len(piece)
-        embeds = torch.cat(pieces, dim=0).unsqueeze(0)
+        pieces = self.prompt_pieces(messages)
+        used = [str(p) for p in pieces if isinstance(p, SoftPromptRef)]
+
+        def stored(ref: SoftPromptRef) -> torch.Tensor:
+            soft = self._store().get(ref)
+            if soft.shape[-1] != table.weight.shape[1]:
+                raise ContextBudgetError(
+                    f"Soft prompt '{ref}' has hidden size {soft.shape[-1]} but the decoder expects "
+                    f"{table.weight.shape[1]}: the store belongs to another model."
+                )
+            return soft
+
+        parts = embed_pieces(table, pieces, stored)
+        soft_positions = sum(t.shape[0] for p, t in zip(pieces, parts) if isinstance(p, SoftPromptRef))
+        text_positions = sum(len(p) for p in pieces if not isinstance(p, SoftPromptRef))
+        embeds = torch.cat(parts, dim=0).unsqueeze(0)
         prepared = PreparedPrompt(embeds, text_positions, soft_positions, used)
         new_tokens = self.new_tokens(max_new_tokens)
         limit = self.backbone.context_window - new_tokens

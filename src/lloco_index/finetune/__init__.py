@@ -8,16 +8,9 @@ The LlamaIndex entry point is :class:`lloco_index.llamaindex.LLoCOFinetuneEngine
 """
 
 from ..training.checkpoint import CheckpointDir
+from ..training.data import QAExample, load_qa_examples
 from .config import FinetuneConfig
-from .data import (
-    QAExample,
-    TrainExample,
-    examples_hash,
-    load_instruction_examples,
-    load_qa_examples,
-    mix_instructions,
-    split_train_val,
-)
+from .data import TrainExample, examples_hash, load_instruction_examples, mix_instructions, split_train_val
 from .examples import Context, build_train_examples, self_teacher
 from .trainer import FinetuneResult, FinetuneResumeError, LoRAFinetuner, target_token_ids
 

@@ -1,16 +1,13 @@
 """Finetuning data: question/answer records in, chat examples with placeholders out.
 
-Two record types:
-
-* :class:`QAExample` -- what a user brings: a question, optionally an answer (or several references) and
-  the gold context texts, plus a group (document) id for splitting.
-* :class:`TrainExample` -- what the trainer reads: the chat ``messages`` exactly as the LLM receives them at
-  query time (soft prompts as ``<|lloco:ID|>`` placeholders) and the assistant ``target`` text.
-
-Loaders accept plain jsonl (``question``/``answer``/``contexts`` with common aliases), LlamaIndex
-``LabelledRagDataset`` objects or their JSON files (``{"examples": [{"query", "reference_answer",
-"reference_contexts"}]}``), and instruction data (Alpaca ``instruction``/``input``/``output``, ``prompt``/
-``response``, or chat ``messages``).
+What a user brings is a :class:`~lloco_index.training.data.QAExample` (a question, optionally an answer or
+several references and the gold context texts, plus a group id for splitting), read by
+:func:`~lloco_index.training.data.load_qa_examples` from plain jsonl (``question``/``answer``/``contexts``
+with common aliases) or LlamaIndex ``LabelledRagDataset`` objects and JSON files. What the trainer reads is a
+:class:`TrainExample`: the chat ``messages`` exactly as the LLM receives them at query time (soft prompts as
+``<|lloco:ID|>`` placeholders) and the assistant ``target`` text. Instruction data (Alpaca
+``instruction``/``input``/``output``, ``prompt``/``response``, or chat ``messages``) becomes TrainExamples
+directly.
 
 >>> qa = load_qa_examples("questions.jsonl")
 >>> qa[0].question, qa[0].answer
@@ -23,36 +20,11 @@ import json
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 from ..fileio import atomic_write_bytes
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
-
-_QUESTION_KEYS = ("question", "query", "instruction_question", "q")
-_ANSWER_KEYS = ("answer", "reference_answer", "response", "output", "answers", "reference_answers")
-_CONTEXT_KEYS = ("contexts", "reference_contexts", "context", "gold_contexts")
-_GROUP_KEYS = ("group", "doc_id", "document_id", "title", "source")
-
-
-@dataclass
-class QAExample:
-    """A question over the indexed corpus, with whatever supervision the user has."""
-
-    question: str
-    answer: Optional[str] = None  # the training target; None: distil one from the model reading the full text
-    references: list[str] = field(default_factory=list)  # all acceptable answers (for evaluation)
-    contexts: Optional[list[str]] = None  # gold context texts; None: use the retriever
-    id: str = ""
-    group: Optional[str] = None  # document id: keeps a document's questions on one side of a split
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.question, str) or not self.question.strip():
-            raise ValueError(f"Example {self.id or '?'} has an empty question.")
-        if self.answer is not None and not self.references:
-            self.references = [self.answer]
-        if not self.id:
-            self.id = hashlib.sha256(self.question.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -75,85 +47,6 @@ class TrainExample:
 
 
 # ---------------------------------------------------------------- loading
-def _first(record: dict, keys: Sequence[str]) -> Any:
-    for key in keys:
-        if key in record and record[key] not in (None, "", []):
-            return record[key]
-    return None
-
-
-def qa_from_record(record: dict, index: int = 0) -> QAExample:
-    """One QA record (plain dict, any of the usual key spellings) as a :class:`QAExample`."""
-    question = _first(record, _QUESTION_KEYS)
-    if question is None:
-        raise ValueError(f"Record {index} has no question (looked for {', '.join(_QUESTION_KEYS)}): {str(record)[:120]}")
-    answer = _first(record, _ANSWER_KEYS)
-    references: list[str] = []
-    if isinstance(answer, list):  # SQuAD style: several references, possibly dicts with "text"
-        references = [a["text"] if isinstance(a, dict) else str(a) for a in answer]
-        answer = references[0] if references else None
-    elif isinstance(answer, dict):
-        answer = answer.get("text")
-    contexts = _first(record, _CONTEXT_KEYS)
-    if isinstance(contexts, str):
-        contexts = [contexts]
-    group = _first(record, _GROUP_KEYS)
-    return QAExample(question=str(question), answer=None if answer is None else str(answer), references=references,
-                     contexts=[str(c) for c in contexts] if contexts else None,
-                     id=str(record.get("id") or record.get("_id") or ""), group=None if group is None else str(group))
-
-
-def load_qa_jsonl(path: Union[str, Path]) -> list[QAExample]:
-    """Read a jsonl file of question/answer(/contexts) records; blank lines are skipped."""
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if line.strip():
-                try:
-                    examples.append(qa_from_record(json.loads(line), i))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{i + 1} is not valid JSON ({exc}).") from exc
-    return examples
-
-
-def qa_from_labelled_rag_dataset(dataset: Any) -> list[QAExample]:
-    """QA examples from a LlamaIndex ``LabelledRagDataset`` (or anything with ``.examples`` of that shape)."""
-    out = []
-    for i, ex in enumerate(dataset.examples):
-        record = ex if isinstance(ex, dict) else {
-            "query": getattr(ex, "query", None), "reference_answer": getattr(ex, "reference_answer", None),
-            "reference_contexts": getattr(ex, "reference_contexts", None)}
-        out.append(qa_from_record(record, i))
-    return out
-
-
-def load_qa_examples(source: Any) -> list[QAExample]:
-    """Load QA examples from a path (.jsonl, or LabelledRagDataset .json), a dataset object, or records.
-
-    >>> load_qa_examples("rag_dataset.json")          # LabelledRagDataset.save_json output
-    >>> load_qa_examples([{"question": "Who?", "answer": "Ada"}])
-    """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"No dataset file at '{path}'.")
-        if path.suffix == ".jsonl":
-            return load_qa_jsonl(path)
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and "examples" in data:
-            return [qa_from_record(r, i) for i, r in enumerate(data["examples"])]
-        if isinstance(data, list):
-            return [qa_from_record(r, i) for i, r in enumerate(data)]
-        raise ValueError(f"{path}: expected a jsonl file, a list of records, or a LabelledRagDataset JSON "
-                         f"({{\"examples\": [...]}}).")
-    if hasattr(source, "examples"):
-        return qa_from_labelled_rag_dataset(source)
-    out = []
-    for i, item in enumerate(source):
-        out.append(item if isinstance(item, QAExample) else qa_from_record(item, i))
-    return out
-
-
 def instruction_from_record(record: dict, index: int = 0) -> TrainExample:
     """A general instruction example (Alpaca, prompt/response, or chat messages) as a TrainExample."""
     if "messages" in record:

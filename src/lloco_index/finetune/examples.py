@@ -23,7 +23,8 @@ from typing import Callable, Optional, Sequence
 from tqdm.auto import tqdm
 
 from ..generation import SoftPromptReader
-from .data import Message, QAExample, TrainExample
+from ..training.data import QAExample
+from .data import Message, TrainExample
 
 logger = logging.getLogger(__name__)
 

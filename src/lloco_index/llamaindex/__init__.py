@@ -1,11 +1,9 @@
-"""LlamaIndex adapter: node parser, retriever, LLM, query engine and index helpers."""
+"""LlamaIndex adapter: index (with its node parser), retriever, LLM, query engine (with its prompt helper)."""
 
 from .finetune import LLoCOFinetuneEngine
-from .index import build_index, configure_settings, default_embed_model, load_index, persist_index
+from .index import LLoCONodeParser, build_index, configure_settings, default_embed_model, load_index, persist_index
 from .llm import LLoCOLLM, PositionTokenizer
-from .node_parser import LLoCONodeParser
-from .prompt_helper import LLoCOPromptHelper
-from .query_engine import LLoCOQueryEngine
+from .query_engine import LLoCOPromptHelper, LLoCOQueryEngine
 from .retriever import LLoCORetriever
 
 __all__ = [

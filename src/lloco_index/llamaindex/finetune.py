@@ -43,11 +43,9 @@ from .. import defaults
 from ..fileio import atomic_write_bytes
 from ..finetune.config import FinetuneConfig
 from ..finetune.data import (
-    QAExample,
     TrainExample,
     load_examples,
     load_instruction_examples,
-    load_qa_examples,
     mix_instructions,
     save_examples,
     split_train_val,
@@ -55,6 +53,7 @@ from ..finetune.data import (
 from ..finetune.examples import Context, build_train_examples, self_teacher
 from ..finetune.trainer import TRAINING_SUBDIR, FinetuneResult, FinetuneResumeError, LoRAFinetuner
 from ..placeholders import make_placeholder
+from ..training.data import QAExample, load_qa_examples, write_qa_jsonl
 from .llm import LLoCOLLM
 from .node_keys import CHUNK_KEY, DOC_KEY, SOFT_PROMPT_KEY, is_compressed
 from .query_engine import LLoCOQueryEngine
@@ -210,7 +209,7 @@ class LLoCOFinetuneEngine:
             # The synthesizer LLoCOQueryEngine.from_index builds, over this retriever.
             from llama_index.core import get_response_synthesizer
 
-            from .prompt_helper import LLoCOPromptHelper
+            from .query_engine import LLoCOPromptHelper
 
             synth = get_response_synthesizer(llm=llm, prompt_helper=LLoCOPromptHelper.from_llm(llm),
                                              response_mode=response_mode)
@@ -369,9 +368,7 @@ class LLoCOFinetuneEngine:
             nodes = [nodes[int(i * step)] for i in range(self.max_question_nodes)]
         qa = generate_questions(nodes, self.question_llm, num_questions_per_chunk=self.num_questions_per_chunk,
                                 progress=self.show_progress)
-        lines = [json.dumps({"question": q.question, "answer": q.answer, "contexts": q.contexts, "group": q.group,
-                             "id": q.id}) for q in qa]
-        atomic_write_bytes(cache, ("\n".join(lines) + "\n").encode())
+        write_qa_jsonl(cache, qa)
         return qa
 
     def _source_hash(self, qa: Sequence[QAExample], instructions: Sequence[TrainExample]) -> str:

@@ -8,6 +8,7 @@ runs it standalone.
     lloco-index pretrain --run-dir runs/mean-4x            # resumes from the newest checkpoint
     lloco-index pretrain --eval-only --compressor DIR --data held_out.txt
     lloco-index pretrain --export runs/mean-4x --out DIR
+    lloco-index pretrain --convert-checkpoints runs/old    # .pt checkpoints of earlier versions -> folders
     lloco-index pretrain --run-dir runs/ac --method autocompressor --objectives ac=1 --ac-segments 2
 """
 
@@ -104,6 +105,10 @@ def add_pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="output compressor directory for --export")
     g.add_argument("--export-step", type=int, default=None, help="checkpoint step to export (default: newest)")
     g.add_argument("--notes", default=None, help="markdown file appended to the exported MODEL_CARD.md")
+    g.add_argument("--convert-checkpoints", default=None, metavar="RUN_DIR",
+                   help="rewrite RUN_DIR's single-file step-*.pt checkpoints (earlier versions) as checkpoint folders")
+    g.add_argument("--remove-legacy", action="store_true",
+                   help="--convert-checkpoints: delete each .pt file once its folder is written")
     # Remember the defaults so that a --config file is overridden only by flags given explicitly.
     parser.set_defaults(_pretrain_defaults={a.dest: a.default for a in parser._actions})
 
@@ -150,6 +155,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.convert_checkpoints:
+        return _convert_checkpoints(args.convert_checkpoints, remove=args.remove_legacy)
     if args.export:
         return _export(args)
     if args.eval_only:
@@ -161,6 +168,23 @@ def run_pretrain(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = pretrain(config, resume=not args.no_resume)
     print(json.dumps({"step": result.step, "eval": result.last_eval}, indent=2))
+    return 0
+
+
+def _convert_checkpoints(run_dir: str, *, remove: bool) -> int:
+    """``--convert-checkpoints``: the run's ``.pt`` checkpoints as folders (it resumes from either)."""
+    from . import checkpoint as ckpt
+
+    legacy = ckpt.legacy_checkpoints(run_dir)
+    if not legacy:
+        print(f"No single-file .pt checkpoints in {run_dir}/{ckpt.CHECKPOINT_DIR}: nothing to convert.")
+        return 0
+    written = ckpt.convert_legacy_checkpoints(run_dir, remove=remove)
+    for path in written:
+        print(f"wrote {path}")
+    if len(written) < len(legacy):
+        raise SystemExit(f"{len(legacy) - len(written)} of {len(legacy)} .pt checkpoints in {run_dir}/"
+                         f"{ckpt.CHECKPOINT_DIR} did not load and were left as they are.")
     return 0
 
 

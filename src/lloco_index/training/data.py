@@ -1,5 +1,11 @@
 """Training and evaluation data: token windows from documents, and QA examples.
 
+:class:`QAExample` is the one question/answer record of the package: compressor pretraining's ``qa``
+objective, its SQuAD evaluation and adapter finetuning (:mod:`lloco_index.finetune`) all read it, and
+:func:`load_qa_examples` reads it from jsonl (any of the usual key spellings, so files written by older
+versions, ``{"context", "question", "answers", "doc_id"}``, still load), LlamaIndex ``LabelledRagDataset``
+JSON or objects, and plain records.
+
 Only the train splits of ``../shared/data`` are used for training (SQuAD train
 articles, QuALITY train, SQuALITY dev, QMSum val); the test splits (SQuAD test,
 QuALITY test) are for held-out evaluation. Documents are tokenised once; a
@@ -13,14 +19,15 @@ resumed run sees exactly the examples an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from .. import defaults
-from ..fileio import jsonl_records
+from ..fileio import atomic_write_bytes, jsonl_records
 from ..errors import DataNotFoundError
 
 TRAIN_SOURCES = ("squad", "quality", "squality", "qmsum")
@@ -34,14 +41,127 @@ class Document:
     source: str
 
 
+_QUESTION_KEYS = ("question", "query", "instruction_question", "q")
+_ANSWER_KEYS = ("answer", "reference_answer", "response", "output", "answers", "reference_answers")
+_CONTEXT_KEYS = ("contexts", "reference_contexts", "context", "gold_contexts")
+_GROUP_KEYS = ("group", "doc_id", "document_id", "title", "source")
+
+
 @dataclass
 class QAExample:
-    """A question over a short context (one SQuAD paragraph fits one segment)."""
+    """A question over a corpus, with whatever supervision there is.
 
-    context: str
+    Pretraining's ``qa`` objective reads ``contexts`` (one SQuAD paragraph, which fits one segment) and
+    trains on ``answer``; finetuning may leave ``answer`` out (a teacher writes it) and ``contexts`` out
+    (the retriever finds them). Evaluation scores against every one of ``references``.
+    """
+
     question: str
-    answers: list[str]  # references; answers[0] is the training target
-    doc_id: str = ""
+    answer: Optional[str] = None  # the training target; None: distil one from the model reading the full text
+    references: list[str] = field(default_factory=list)  # all acceptable answers (for evaluation)
+    contexts: Optional[list[str]] = None  # gold context texts; None: use the retriever
+    id: str = ""
+    group: Optional[str] = None  # document id: keeps a document's questions on one side of a split
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.question, str) or not self.question.strip():
+            raise ValueError(f"Example {self.id or '?'} has an empty question.")
+        if self.answer is not None and not self.references:
+            self.references = [self.answer]
+        if not self.id:
+            self.id = hashlib.sha256(self.question.encode()).hexdigest()[:16]
+
+
+def _first(record: dict, keys: Sequence[str]) -> Any:
+    for key in keys:
+        if key in record and record[key] not in (None, "", []):
+            return record[key]
+    return None
+
+
+def qa_from_record(record: dict, index: int = 0) -> QAExample:
+    """One QA record (plain dict, any of the usual key spellings) as a :class:`QAExample`."""
+    question = _first(record, _QUESTION_KEYS)
+    if question is None:
+        raise ValueError(f"Record {index} has no question (looked for {', '.join(_QUESTION_KEYS)}): {str(record)[:120]}")
+    answer = _first(record, _ANSWER_KEYS)
+    references: list[str] = []
+    if isinstance(answer, list):  # SQuAD style: several references, possibly dicts with "text"
+        references = [a["text"] if isinstance(a, dict) else str(a) for a in answer]
+        answer = references[0] if references else None
+    elif isinstance(answer, dict):
+        answer = answer.get("text")
+    if isinstance(record.get("references"), list) and record["references"]:  # as write_qa_jsonl writes them
+        references = [str(r) for r in record["references"]]
+    contexts = _first(record, _CONTEXT_KEYS)
+    if isinstance(contexts, str):
+        contexts = [contexts]
+    group = _first(record, _GROUP_KEYS)
+    return QAExample(question=str(question), answer=None if answer is None else str(answer), references=references,
+                     contexts=[str(c) for c in contexts] if contexts else None,
+                     id=str(record.get("id") or record.get("_id") or ""), group=None if group is None else str(group))
+
+
+def load_qa_jsonl(path: Union[str, Path]) -> list[QAExample]:
+    """Read a jsonl file of question/answer(/contexts) records; blank lines are skipped."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                try:
+                    examples.append(qa_from_record(json.loads(line), i))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i + 1} is not valid JSON ({exc}).") from exc
+    return examples
+
+
+def write_qa_jsonl(path: Union[str, Path], examples: Iterable[QAExample]) -> None:
+    """One :class:`QAExample` per line, every field under its own name (atomically; read by :func:`load_qa_jsonl`)."""
+    lines = [json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples]
+    atomic_write_bytes(Path(path), "".join(lines).encode("utf-8"))
+
+
+def qa_from_labelled_rag_dataset(dataset: Any) -> list[QAExample]:
+    """QA examples from a LlamaIndex ``LabelledRagDataset`` (or anything with ``.examples`` of that shape)."""
+    out = []
+    for i, ex in enumerate(dataset.examples):
+        record = ex if isinstance(ex, dict) else {
+            "query": getattr(ex, "query", None), "reference_answer": getattr(ex, "reference_answer", None),
+            "reference_contexts": getattr(ex, "reference_contexts", None)}
+        out.append(qa_from_record(record, i))
+    return out
+
+
+def load_qa_examples(source: Any) -> list[QAExample]:
+    """Load QA examples from a path (.jsonl, or LabelledRagDataset .json), a dataset object, or records.
+
+    >>> load_qa_examples("rag_dataset.json")          # LabelledRagDataset.save_json output
+    >>> load_qa_examples([{"question": "Who?", "answer": "Ada"}])
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"No dataset file at '{path}'.")
+        if path.suffix == ".jsonl":
+            return load_qa_jsonl(path)
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and "examples" in data:
+            return [qa_from_record(r, i) for i, r in enumerate(data["examples"])]
+        if isinstance(data, list):
+            return [qa_from_record(r, i) for i, r in enumerate(data)]
+        raise ValueError(f"{path}: expected a jsonl file, a list of records, or a LabelledRagDataset JSON "
+                         f"({{\"examples\": [...]}}).")
+    if hasattr(source, "examples"):
+        return qa_from_labelled_rag_dataset(source)
+    out = []
+    for i, item in enumerate(source):
+        out.append(item if isinstance(item, QAExample) else qa_from_record(item, i))
+    return out
+
+
+def context_text(example: QAExample) -> str:
+    """The example's gold context as one text (what the ``qa`` objective compresses into one soft prompt)."""
+    return "\n\n".join(example.contexts or [])
 
 
 # ------------------------------------------------------------------ documents
@@ -131,24 +251,10 @@ def load_squad_qa(path: Union[str, Path], max_context_tokens: Optional[int] = No
             for qa in para["qas"]:
                 answers = [a["text"] for a in qa.get("answers", [])]
                 if answers:
-                    out.append(QAExample(para["context"], qa["question"], answers, f"squad:{article['title']}"))
+                    out.append(QAExample(question=qa["question"], answer=answers[0], references=answers,
+                                         contexts=[para["context"]], id=str(qa.get("id") or ""),
+                                         group=f"squad:{article['title']}"))
     return out
-
-
-def load_qa_jsonl(path: Union[str, Path]) -> list[QAExample]:
-    """QA examples written by :func:`write_qa_jsonl` (e.g. teacher answers for sequence-level distillation)."""
-    out = []
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            out.append(QAExample(r["context"], r["question"], r["answers"], r.get("doc_id", "")))
-    return out
-
-
-def write_qa_jsonl(path: Union[str, Path], examples: Iterable[QAExample]) -> None:
-    with open(path, "w") as f:
-        for e in examples:
-            f.write(json.dumps({"context": e.context, "question": e.question, "answers": e.answers, "doc_id": e.doc_id}) + "\n")
 
 
 # -------------------------------------------------------------------- windows

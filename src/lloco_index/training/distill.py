@@ -21,27 +21,27 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
-from ..precision import autocast
-from .data import QAExample, load_squad_qa, write_qa_jsonl
-from .objectives import PromptBuilder
+from ..generation import SoftPromptReader
+from .data import QAExample, context_text, load_squad_qa, write_qa_jsonl
+from .objectives import qa_messages
 
 
 @torch.no_grad()
 def teacher_answers(backbone: Backbone, examples: Sequence[QAExample], *, segment_length: int,
                     max_new_tokens: int = 24, progress: bool = True) -> list[QAExample]:
-    """Each example with ``answers = [teacher's answer]`` (the gold answers kept after it for reference)."""
-    builder = PromptBuilder(backbone.tokenizer)
-    tok = backbone.tokenizer
+    """Each example with the teacher's answer as its ``answer``, first of its ``references`` (the gold answers
+    follow it). The teacher reads the ``qa`` objective's messages with the context as text (cut to
+    ``segment_length`` tokens, what the student's soft prompt holds), rendered by the reader as a query's are."""
+    reader = SoftPromptReader(backbone, adapter=None)
     out = []
     for ex in tqdm(examples, desc="teacher answers", disable=not progress):
-        head, tail = builder.qa_pieces(ex.question)
-        ids = head + backbone.tokenize(ex.context)[:segment_length] + tail
-        with backbone.using(None) as model, autocast(backbone.device):
-            gen = model.generate(input_ids=torch.tensor([ids], device=backbone.device), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        answer = tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+        context, ids = context_text(ex), backbone.tokenize(context_text(ex))
+        if len(ids) > segment_length:
+            context = backbone.tokenizer.decode(ids[:segment_length])
+        answer = reader.generate(qa_messages(ex.question, context), max_new_tokens=max_new_tokens).text
         if answer:
-            out.append(QAExample(ex.context, ex.question, [answer] + list(ex.answers), ex.doc_id))
+            out.append(QAExample(question=ex.question, answer=answer, references=[answer] + list(ex.references),
+                                 contexts=ex.contexts, id=ex.id, group=ex.group))
     return out
 
 

@@ -25,9 +25,19 @@ from typing import Optional, Sequence
 import torch
 
 from ..eval.metrics import exact_match, f1_score
-from ..precision import generation_autocast
-from .data import QAExample, Window, load_documents, make_windows, tokenize_documents
-from .objectives import Example, PromptBuilder, build_decoder_batch, decoder_logits, per_example_scores
+from ..generation import SoftPromptReader
+from ..placeholders import make_placeholder
+from ..store import SoftPromptStore
+from .data import QAExample, Window, context_text, load_documents, make_windows, tokenize_documents
+from .objectives import (
+    SEGMENT,
+    Example,
+    build_decoder_batch,
+    decoder_logits,
+    per_example_scores,
+    qa_messages,
+    window_example,
+)
 
 
 def held_out_windows(backbone, data_dir, n: int, segment_length: int, continuation_length: int,
@@ -73,7 +83,7 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
                         baseline_cache: Optional[dict] = None) -> dict[str, float]:
     """Continuation/AE metrics with control lines on held-out ``windows`` (+ QA metrics given ``qa``)."""
     backbone = compressor.backbone
-    builder = PromptBuilder(backbone.tokenizer)
+    reader = SoftPromptReader(backbone, compressor=compressor)
     windows = list(windows)
     other = _derangement(len(windows))
     soft = []
@@ -81,9 +91,9 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
         soft.extend(compressor.encode([w.segment for w in windows[i : i + batch_size]]))
     shuffled = [soft[j] for j in other]
     # Score continuation tokens 1.. in every condition: with no context the first one has nothing before it.
-    cont = [Example("lm", w.segment, [], [], w.continuation, score_from=1) for w in windows]
-    raw = [Example("lm", w.segment, w.segment, [], w.continuation, use_soft=False, score_from=1) for w in windows]
-    none = [Example("lm", w.segment, [], [], w.continuation, use_soft=False, score_from=1) for w in windows]
+    cont = [Example("lm", w.segment, [SEGMENT], w.continuation, score_from=1) for w in windows]
+    raw = [Example("lm", w.segment, [w.segment], w.continuation, score_from=1) for w in windows]
+    none = [Example("lm", w.segment, [], w.continuation, score_from=1) for w in windows]
     m: dict[str, float] = {}
     m["cont_own"], _ = _score(backbone, reader_adapter, cont, soft, batch_size)
     m["cont_shuffled"], _ = _score(backbone, reader_adapter, cont, shuffled, batch_size)
@@ -101,7 +111,7 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
         m["cont_none_reader"], _ = _score(backbone, reader_adapter, none, [None] * len(none), batch_size)
     m["slot_gain"] = m["cont_shuffled"] - m["cont_own"]
     if ae:
-        ae_ex = [builder.window_example("ae", w) for w in windows]
+        ae_ex = [window_example(reader, "ae", w) for w in windows]
         m["ae_loss"], m["ae_acc"] = _score(backbone, reader_adapter, ae_ex, soft, batch_size)
         m["ae_loss_shuffled"], m["ae_acc_shuffled"] = _score(backbone, reader_adapter, ae_ex, shuffled, batch_size)
         m["ae_gain"] = m["ae_loss_shuffled"] - m["ae_loss"]
@@ -111,50 +121,37 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
 
 
 # ------------------------------------------------------------------------ QA
-def _generate(backbone, adapter: Optional[str], embeds: torch.Tensor, max_new_tokens: int) -> str:
-    tok = backbone.tokenizer
-    with backbone.using(adapter) as model, generation_autocast(embeds.device):
-        out = model.generate(inputs_embeds=embeds.unsqueeze(0), attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long,
-                             device=embeds.device), max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0], skip_special_tokens=True).strip().split("\n")[0]
-
-
 @torch.no_grad()
 def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional[str] = None,
-                max_new_tokens: int = 24) -> dict[str, float]:
-    """Greedy answers with the soft prompt vs full text vs closed book, same prompt template.
+                max_new_tokens: int = 24, batch_size: int = 8) -> dict[str, float]:
+    """Greedy answers with the soft prompt vs full text vs closed book, same prompt template, through the query path.
 
-    ``soft`` reads the soft prompt with the reader adapter; ``full`` and ``closed`` are the base model (the
-    reference lines). With a reader adapter, ``full_reader`` and ``closed_reader`` repeat those two
-    with the adapter on: a reader trained on QA also answers better without context, and only the part of
-    ``soft`` above ``closed_reader`` comes from the soft prompt.
+    Each context is compressed into a :class:`SoftPromptStore` and every answer comes from
+    :class:`SoftPromptReader` (its rendering, splicing and generation, the stored soft prompt's
+    precision), so these numbers are what a query with that chunk gets. ``soft`` reads the soft prompt
+    with the reader adapter; ``full`` and ``closed`` are the base model (the reference lines). With a
+    reader adapter, ``full_reader`` and ``closed_reader`` repeat those two with the adapter on: a reader
+    trained on QA also answers better without context, and only the part of ``soft`` above
+    ``closed_reader`` comes from the soft prompt.
     """
-    backbone = compressor.backbone
-    builder = PromptBuilder(backbone.tokenizer)
-    table = backbone.embedding_table()
-
-    def emb(ids):
-        return table(torch.tensor(ids, dtype=torch.long, device=table.weight.device))
-
-    names = ("soft", "full", "closed") + (("full_reader", "closed_reader") if reader_adapter else ())
-    scores = {k: {"em": 0.0, "f1": 0.0} for k in names}
-    for ex in qa:
-        head, tail = builder.qa_pieces(ex.question)
-        segment = backbone.tokenize(ex.context)[: compressor.segment_length]
-        soft = compressor.encode([segment])[0].to(table.weight.dtype)
-        full = torch.cat([emb(head), emb(segment), emb(tail)])
-        closed = emb(builder.qa_pieces(ex.question, with_context=False)[0])
-        inputs = {"soft": (reader_adapter, torch.cat([emb(head), soft, emb(tail)])),
-                  "full": (None, full), "closed": (None, closed),
-                  "full_reader": (reader_adapter, full), "closed_reader": (reader_adapter, closed)}
-        for name in names:
-            adapter, embeds = inputs[name]
-            answer = _generate(backbone, adapter, embeds, max_new_tokens)
-            scores[name]["em"] += exact_match(answer, ex.answers)
-            scores[name]["f1"] += f1_score(answer, ex.answers)
+    qa = list(qa)
+    store = SoftPromptStore.for_compressor(compressor)
+    reader = SoftPromptReader(compressor.backbone, store, compressor=compressor)
+    contexts = [context_text(ex) for ex in qa]
+    ids = store.add(contexts, compressor) if qa else []
+    prompts = {"soft": [qa_messages(ex.question, make_placeholder(i)) for ex, i in zip(qa, ids)],
+               "full": [qa_messages(ex.question, c) for ex, c in zip(qa, contexts)],
+               "closed": [qa_messages(ex.question, None) for ex in qa]}
+    runs = [("soft", reader_adapter), ("full", None), ("closed", None)]
+    if reader_adapter:
+        runs += [("full_reader", reader_adapter), ("closed_reader", reader_adapter)]
+    out: dict[str, float] = {}
     n = max(len(qa), 1)
-    out = {f"qa_{k}_{m}": v / n for k, d in scores.items() for m, v in d.items()}
+    for name, adapter in runs:
+        answers = reader.generate_batch(prompts[name.replace("_reader", "")], adapter=adapter,
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size) if qa else []
+        out[f"qa_{name}_em"] = sum(exact_match(a.text, ex.references) for a, ex in zip(answers, qa)) / n
+        out[f"qa_{name}_f1"] = sum(f1_score(a.text, ex.references) for a, ex in zip(answers, qa)) / n
     gap = out["qa_full_f1"] - out["qa_closed_f1"]
     out["qa_normalised_f1"] = (out["qa_soft_f1"] - out["qa_closed_f1"]) / gap if gap > 0 else float("nan")
     if reader_adapter:
@@ -177,7 +174,7 @@ def squad_test_qa(backbone, data_dir, n: int, segment_length: int) -> list[QAExa
 
 def _with_ids(messages: Sequence[dict], ids: dict[str, str]) -> list[dict]:
     """``messages`` with each example-local placeholder ``cJ`` replaced by a store id's placeholder."""
-    from ..placeholders import PLACEHOLDER_RE, make_placeholder
+    from ..placeholders import PLACEHOLDER_RE
 
     return [{**m, "content": PLACEHOLDER_RE.sub(lambda g: make_placeholder(ids[g.group(1)]), m["content"])} for m in messages]
 
@@ -195,8 +192,6 @@ def evaluate_query_path(compressor, examples: Sequence, *, max_new_tokens: int =
     ``qa_normalised_f1_reader = (soft - closed) / (full - closed)``: the share of the text's gain that the
     soft prompts deliver.
     """
-    from ..generation import SoftPromptReader
-    from ..store import SoftPromptStore
     from .query_data import chunk_ref
 
     examples = list(examples)

@@ -52,7 +52,7 @@ def qa_table(metrics: dict[str, float]) -> list[str]:
     rows = [("soft prompt, reader adapter", "soft"), ("full text, base model", "full"),
             ("closed book, base model", "closed"), ("full text, reader adapter", "full_reader"),
             ("closed book, reader adapter", "closed_reader")]
-    lines = ["", f"Answers to {int(metrics['qa_n'])} SQuAD test questions (greedy, same prompt template):", "",
+    lines = ["", f"Answers to {int(metrics['qa_n'])} SQuAD test questions (greedy, same prompt template, read through the query path):", "",
              "| condition | EM | F1 |", "| --- | --- | --- |"]
     lines += [f"| {label} | {metrics[f'qa_{k}_em']:.3f} | {metrics[f'qa_{k}_f1']:.3f} |"
               for label, k in rows if f"qa_{k}_f1" in metrics]

@@ -46,8 +46,8 @@ from .data import (
 )
 from .evaluate import evaluate_compressor, held_out_windows
 from .model_card import describe_machine
-from .objectives import ObjectiveMix, PromptBuilder, mixed_loss
-from .query_data import load_query_examples
+from .objectives import ObjectiveMix, mixed_loss, qa_example, window_example
+from .query_data import QueryExample, load_query_examples
 from .query_loss import DistillWeights, chunk_segments, distill_loss
 from .recursive import recursive_lm_loss, split_segments
 from .loop import AfterStep, StepStats, TrainLoop
@@ -364,13 +364,16 @@ def _log(run_dir: Path, record: dict[str, Any]) -> None:
 
 def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, resume: bool = True,
              progress: bool = True, stop_after: Optional[int] = None,
-             windows: Optional[list[Window]] = None, eval_windows: Optional[list[Window]] = None) -> PretrainResult:
+             windows: Optional[list[Window]] = None, eval_windows: Optional[list[Window]] = None,
+             distill_examples: Optional[list[QueryExample]] = None) -> PretrainResult:
     """Train (or resume) a compressor; returns it with the metrics history.
 
     ``resume=True`` continues from the newest loadable checkpoint in ``run_dir`` (exactly: weights,
     optimizer, scheduler, RNG, data position). ``stop_after`` ends this call after that many steps
-    (for time-sliced runs); ``windows``/``eval_windows`` override the data (tests). Pass a fresh
-    ``backbone`` per run: adapters are added to it.
+    (for time-sliced runs); ``windows``/``eval_windows`` override the data (tests), ``distill_examples`` the
+    examples read from ``config.distill_file`` (a caller running several trainings reads them once). A
+    ``backbone`` passed in gets this run's adapters: pass a fresh one, or one whose earlier run's compressor
+    was ``release()``-d.
 
     >>> pretrain(PretrainConfig(run_dir="runs/mean-4x", n_slots=64, pool_layer=8, steps=400))
     """
@@ -390,8 +393,6 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
     if config.threads:
         torch.set_num_threads(config.threads)
     backbone = backbone or Backbone.load(config.decoder, device=select_device(config.device))
-    tokenizer = backbone.tokenizer
-    builder = PromptBuilder(tokenizer)
     mix = ObjectiveMix(dict(config.objectives))
 
     if windows is None:
@@ -403,13 +404,18 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                                         config.eval_continuation_length, documents=eval_docs)
     distill_pool = None
     if mix.weights.get("distill", 0) > 0:
-        distill_pool = load_query_examples(config.distill_file)
+        distill_pool = list(distill_examples) if distill_examples is not None else load_query_examples(config.distill_file)
         if not distill_pool:
             raise ValueError(f"{config.distill_file} holds no examples.")
     qa_pool = None
     if mix.weights.get("qa", 0) > 0:
         qa_pool = load_qa_jsonl(config.qa_file) if config.qa_file else load_squad_qa(
             Path(config.data_dir) / "squad/train.json", config.segment_length, backbone.tokenize)
+        unusable = [ex.id for ex in qa_pool if ex.answer is None or not ex.contexts]
+        if unusable or not qa_pool:
+            raise ValueError(f"The 'qa' objective needs an answer and a context for every example; "
+                             f"{config.qa_file or 'the QA data'} has {len(unusable)} without (ids {unusable[:3]}) "
+                             f"of {len(qa_pool)}.")
 
     torch.manual_seed(config.seed)  # LoRA initialisation; a resume overwrites weights and RNG anyway
     compressor = build_compressor(config, backbone)
@@ -501,11 +507,11 @@ def pretrain(config: PretrainConfig, *, backbone: Optional[Backbone] = None, res
                     queries.append(distill_pool[rng.randrange(len(distill_pool))])
                 elif name == "qa":
                     qa = qa_pool[rng.randrange(len(qa_pool))]
-                    examples.append(builder.qa_example(qa, seg_len))
+                    examples.append(qa_example(reader, qa, seg_len))
                 elif name == "ac":
                     recursive.append(split_segments(full.segment, seg_len, n_chunks))
                 else:
-                    examples.append(builder.window_example(name, w))
+                    examples.append(window_example(reader, name, w))
             loss, n_scored = None, 0
             if examples:
                 soft = encode([e.segment for e in examples], step)

@@ -21,8 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..generation import SoftPromptReader
-from ..placeholders import SoftPromptRef
+from ..generation import SoftPromptReader, embed_pieces
 from ..precision import autocast
 from .query_data import QueryExample, chunk_ref
 
@@ -44,20 +43,9 @@ def chunk_segments(reader: SoftPromptReader, example: QueryExample, segment_leng
 
 def _row(reader: SoftPromptReader, messages, soft: dict[str, torch.Tensor], answer: list[int]) -> tuple[torch.Tensor, int]:
     """``inputs_embeds`` [T, H] of prompt + answer, and where the answer starts."""
-    table = reader.backbone.embedding_table()
-    device = table.weight.device
-    parts: list[torch.Tensor] = []
-    for piece in reader.prompt_pieces(messages):
-        if isinstance(piece, SoftPromptRef):
-            parts.append(soft[str(piece)])
-        else:
-            with torch.no_grad():
-                parts.append(table(torch.tensor(piece, device=device)))
-    start = sum(p.shape[0] for p in parts)
-    with torch.no_grad():
-        parts.append(table(torch.tensor(answer, device=device)))
-    dtype = parts[-1].dtype
-    return torch.cat([p.to(dtype) for p in parts], 0), start
+    parts = embed_pieces(reader.backbone.embedding_table(), reader.prompt_pieces(messages) + [answer],
+                         lambda ref: soft[str(ref)])
+    return torch.cat(parts, 0), sum(p.shape[0] for p in parts[:-1])
 
 
 def _forward(reader: SoftPromptReader, adapter: Optional[str], rows: Sequence[tuple[torch.Tensor, int]],

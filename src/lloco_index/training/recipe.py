@@ -10,7 +10,7 @@ path, and writes to ``--out``:
 * ``compressor/``: the best run, exported (weights, reader adapter, ``MODEL_CARD.md`` listing every run),
   and ``ships: true`` in results.json when it beats the starting compressor by more than ``--margin``.
 
-It needs only the project, the examples and the model files: no network, no framework. Made for one
+It needs only this package, the examples and the model files: no network, no framework. Made for one
 GPU (``scripts/gpu_recipe.sh`` carries everything to a machine that has one); the same command runs
 on a CPU with a tiny model in the tests.
 
@@ -58,14 +58,14 @@ def _run_config(args: argparse.Namespace, ratio: int, run_dir: Path, steps: int,
         threads=args.threads)
 
 
-def _seconds_per_step(args: argparse.Namespace, ratio: int, out: Path, train_file: str) -> float:
+def _seconds_per_step(args: argparse.Namespace, ratio: int, out: Path, train_file: str, backbone, train) -> float:
     """Seconds per step of the real run's full (encoder-training) step, from a short probe run's own step
     times; the first step, with its one-off overheads, is not counted."""
     from .pretrain import pretrain
 
     probe = _run_config(args, ratio, out / "probe" / f"x{ratio}", args.probe_steps + 1, train_file)
     probe = replace(probe, freeze_encoder_steps=0, checkpoint_every=0)
-    result = pretrain(probe, resume=False, progress=False)
+    result = pretrain(probe, backbone=backbone, distill_examples=train, resume=False, progress=False)
     result.compressor.release()
     times = [r["time"] for r in result.history if "loss" in r]
     return (times[-1] - times[0]) / max(1, len(times) - 1)
@@ -74,7 +74,9 @@ def _seconds_per_step(args: argparse.Namespace, ratio: int, out: Path, train_fil
 def run_recipe(args: argparse.Namespace) -> dict:
     import torch
 
+    from ..backbone import Backbone
     from ..compressors.loading import load_compressor
+    from ..models import select_device
     from .evaluate import evaluate_query_path
     from .pretrain import export_checkpoint, pretrain
     from .query_data import load_query_examples
@@ -92,22 +94,25 @@ def run_recipe(args: argparse.Namespace) -> dict:
         return evaluate_query_path(compressor, test, batch_size=args.eval_batch_size, max_new_tokens=args.max_new_tokens)
 
     args.init = args.init or str(defaults.default_compressor_dir())
-    start_compressor = load_compressor(args.init, decoder=args.decoder)
+    # One decoder and one read of the training examples for every probe and run: each run's compressor
+    # takes its adapters off the decoder (release) before the next one adds its own.
+    backbone = Backbone.load(args.decoder, device=select_device(args.device))
+    train = load_query_examples(args.train)
+    start_compressor = load_compressor(args.init, backbone=backbone)
     results["start"] = {"compressor": args.init,
                         "fingerprint": start_compressor.fingerprint, "metrics": evaluate(start_compressor)}
-    backbone = start_compressor.backbone
     start_compressor.release()
     ratios = [int(r) for r in args.ratios.split(",")]
     for i, ratio in enumerate(ratios):
         # What is left of the training budget, shared equally by the ratios still to run.
         left = args.minutes * 60 - (time.perf_counter() - started) - args.eval_reserve_s * (len(ratios) - i)
         budget = left / (len(ratios) - i)
-        per_step = _seconds_per_step(args, ratio, out, args.train)
+        per_step = _seconds_per_step(args, ratio, out, args.train, backbone, train)
         steps = max(1, int(budget / per_step)) if args.steps is None else args.steps
         run_dir = out / "runs" / f"x{ratio}"
         config = _run_config(args, ratio, run_dir, steps, args.train)
         t0 = time.perf_counter()
-        trained = pretrain(config, progress=args.progress)
+        trained = pretrain(config, backbone=backbone, distill_examples=train, progress=args.progress)
         seconds = time.perf_counter() - t0
         metrics = evaluate(trained.compressor)
         results["runs"].append({"ratio": ratio, "run_dir": str(run_dir), "steps": trained.step, "train_s": seconds,

@@ -7,16 +7,12 @@ import re
 import warnings
 
 import pytest
-import torch
 
 from helpers import FINETUNE_DOCS as DOCS, FINETUNE_QA as QA, FINETUNE_SEGMENT as SEGMENT
 from helpers import fast_finetune_config as fast_config, finetune_backbone as tiny_backbone
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_threads):
-    torch.set_num_threads(1)
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _reader_compressor(backbone, base_path: str):
@@ -127,7 +123,7 @@ def test_ctrl_c_in_finetune_says_which_checkpoint_is_saved(tmp_path, capsys, qa_
 
     from helpers import cli_storage
 
-    storage = cli_storage(tmp_path)
+    storage, _ = cli_storage(tmp_path)
     out = tmp_path / "adapter"
     argv = ["finetune", str(storage), str(qa_file), "--output-dir", str(out), "--epochs", "1", "--grad-accum", "2",
             "--val-fraction", "0", "--checkpoint-every", "1", "--no-progress"]

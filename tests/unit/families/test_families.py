@@ -29,10 +29,7 @@ CHUNKS = ["The tower was finished in 1889.", "Its designer was Gustave Eiffel, a
 QUESTION = "\nQuestion: who designed it?"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_threads):
-    torch.set_num_threads(1)  # tiny matmuls: a second thread only spin-waits on a shared CPU
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_icae(backbone, pooling="memory"):

@@ -28,7 +28,7 @@ from lloco_index.placeholders import find_ids
 from helpers import FACTS, fast_finetune_config as fast_config
 
 from helpers import FINETUNE_DOCS as DOCS, FINETUNE_QA as QA, FINETUNE_SEGMENT as SEGMENT
-from helpers import cli_storage as _cli_storage, finetune_backbone as tiny_backbone
+from helpers import cli_storage, finetune_backbone as tiny_backbone
 
 
 def make_llm(identity: str = "tiny-test", segment: int = SEGMENT, store=None) -> LLoCOLLM:
@@ -37,12 +37,7 @@ def make_llm(identity: str = "tiny-test", segment: int = SEGMENT, store=None) ->
                     max_new_tokens=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(_threads):
-    """Tiny matmuls: one thread is faster than two (and far faster on a busy machine, where a second
-    OpenMP thread spin-waits for a core)."""
-    torch.set_num_threads(1)
-    yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -295,29 +290,17 @@ def test_question_generation_with_any_llamaindex_llm(corpus, tmp_path):
 
 def test_cli_finetune(tmp_path, qa_file):
     """`lloco-index finetune PERSIST_DIR DATA` on an index of a decoder saved to disk."""
-    from lloco_index.backbone import Backbone
     from lloco_index.cli import main
 
-    model_dir = tmp_path / "tiny-model"
-    source = tiny_backbone()
-    source.base_model.save_pretrained(str(model_dir))
-    source.tokenizer.save_pretrained(str(model_dir))
-    backbone = Backbone.load(model_dir)
-    # base_model given explicitly: a compressor made in code hashes the config's default base_model into its
-    # fingerprint, and save_pretrained rewrites it, so the reloaded compressor would not match its own store.
-    compressor = TokenEmbeddingCompressor(backbone, TokenEmbeddingConfig(segment_length=SEGMENT,
-                                                                         base_model=backbone.identity))
-    from lloco_index.llamaindex import default_embed_model
-
-    build_index(DOCS, compressor, persist_dir=tmp_path / "storage", embed_model=default_embed_model())
+    storage, fingerprint = cli_storage(tmp_path)
     out = tmp_path / "adapters" / "cli"
-    argv = ["finetune", str(tmp_path / "storage"), str(qa_file), "--output-dir", str(out), "--adapter-name", "cli",
+    argv = ["finetune", str(storage), str(qa_file), "--output-dir", str(out), "--adapter-name", "cli",
             "--epochs", "1", "--grad-accum", "2", "--lr", "1e-2", "--val-fraction", "0", "--no-progress", "--top-k", "2"]
     assert main(argv + ["--stop-after-steps", "1"]) == 0
     assert not (out / "adapter_config.json").exists()
     assert main(argv) == 0
     meta = read_adapter_metadata(out)
-    assert meta["compressor_fingerprint"] == compressor.fingerprint and meta["metrics"]["finished"]
+    assert meta["compressor_fingerprint"] == fingerprint and meta["metrics"]["finished"]
 
 
 def test_starts_from_the_compressors_reader_adapter(tmp_path):
@@ -373,7 +356,7 @@ def test_cli_finetune_resumes_from_python(tmp_path, qa_file):
     defaults are the Python defaults, and the run directory remembers the settings it was started with."""
     from lloco_index.cli import main
 
-    storage = _cli_storage(tmp_path)
+    storage, _ = cli_storage(tmp_path)
     out = storage / "adapters" / "lloco_domain"
     assert main(["finetune", str(storage), str(qa_file), "--epochs", "1", "--grad-accum", "2", "--val-fraction", "0",
                  "--no-progress", "--stop-after-steps", "1"]) == 0

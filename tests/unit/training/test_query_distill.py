@@ -40,12 +40,7 @@ PARAGRAPHS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -223,14 +218,23 @@ def _check_recipe_output(out, decoder, ratios):
     assert sum(f.stat().st_size for f in (out / "compressor").rglob("*") if f.is_file()) < 60 * 2**20
 
 
-def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, tmp_path):
+def test_gpu_recipe_runs_end_to_end_on_a_tiny_model(examples, tmp_path, monkeypatch):
     """The prepared recipe on a tiny decoder: every ratio trained within its share of the budget, evaluated on
-    the same questions as the starting compressor, the best exported with a model card listing every run."""
+    the same questions as the starting compressor, the best exported with a model card listing every run.
+    The decoder is loaded and the training examples are read once for all probes and runs."""
+    from lloco_index.backbone import Backbone
+    from lloco_index.training import query_data
     from lloco_index.training.recipe import main
 
     decoder, train, test, args = _tiny_recipe_inputs(examples, tmp_path)
+    loads, reads = [], []
+    real_load, real_read = Backbone.load.__func__, query_data.load_query_examples
+    monkeypatch.setattr(Backbone, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    monkeypatch.setattr(query_data, "load_query_examples", lambda path: reads.append(str(path)) or real_read(path))
+    monkeypatch.setattr("lloco_index.training.pretrain.load_query_examples", query_data.load_query_examples)
     out = tmp_path / "out"
     assert main(["--train", str(train), "--test", str(test), "--out", str(out), "--ratios", "4,2", *args]) == 0
+    assert len(loads) == 1 and sorted(reads) == sorted([str(train), str(test)])
     _check_recipe_output(out, decoder, [4, 2])
 
 
@@ -272,3 +276,29 @@ def test_gpu_recipe_script_device_stage(examples, tmp_path):
     here = tmp_path / "back"
     subprocess.run(["bash", script, "unpack", str(out), str(here)], env=env, check=True, capture_output=True)
     _check_recipe_output(here, decoder, [2])
+
+
+def test_teacher_answers_file_trains_the_qa_objective(data_dir, tmp_path):
+    """`python -m lloco_index.training.distill`: the base decoder's answers, read through the reader from the
+    qa objective's messages, land in a QA file that pretraining's qa objective trains on."""
+    from lloco_index.training.data import load_qa_jsonl
+    from lloco_index.training.distill import main
+    from lloco_index.training.objectives import qa_messages
+
+    # initializer_range 0.2: the 0.02-scale random model's greedy answers decode to whitespace only, and
+    # empty teacher answers are dropped.
+    teacher = tiny_backbone(initializer_range=0.2)
+    decoder = tmp_path / "decoder"
+    teacher.base_model.save_pretrained(str(decoder))
+    smollm2_tokenizer().save_pretrained(str(decoder))
+    out = tmp_path / "teacher.jsonl"
+    assert main(["--out", str(out), "--data-dir", str(data_dir), "--n", "2", "--segment-length", "64",
+                 "--decoder", str(decoder), "--threads", "1"]) == 0
+    written = load_qa_jsonl(out)
+    assert written and all(ex.answer and ex.references[0] == ex.answer and len(ex.references) == 2 for ex in written)
+    reader = SoftPromptReader(teacher, adapter=None)
+    ex = written[0]
+    assert reader.generate(qa_messages(ex.question, ex.contexts[0]), max_new_tokens=24).text == ex.answer
+    result = pretrain(config(tmp_path / "run", objectives={"qa": 1.0}, qa_file=str(out), steps=1, checkpoint_every=0),
+                      backbone=tiny_backbone(), windows=None, eval_windows=[], progress=False)
+    assert "loss_qa" in result.history[-1]

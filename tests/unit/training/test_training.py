@@ -20,15 +20,7 @@ from lloco_index.training.data import WindowSampler, make_windows, shorten
 from lloco_index.training.evaluate import evaluate_compressor
 from lloco_index.training.pretrain import PretrainConfig, pretrain, trainable_state
 
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model gains nothing from threads, and on a shared CPU extra threads mostly spin-wait.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +110,9 @@ def _as_legacy_file(run_dir, step: int) -> None:
     (run_dir / ckpt.CHECKPOINT_DIR / ckpt.POINTER).unlink()
 
 
-def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, windows):
+def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, windows, capsys):
+    from lloco_index.cli import main
+
     full = pretrain(config(tmp_path / "full"), backbone=tiny_backbone(tokenizer), windows=windows, progress=False)
     for name in ("old", "converted"):
         pretrain(config(tmp_path / name), backbone=tiny_backbone(tokenizer), windows=windows, progress=False,
@@ -126,9 +120,18 @@ def test_single_file_checkpoints_still_resume_and_convert(tmp_path, tokenizer, w
         _as_legacy_file(tmp_path / name, 3)
     assert [p.name for p in ckpt.legacy_checkpoints(tmp_path / "old")] == ["step-00000003.pt"]
 
-    written = ckpt.convert_legacy_checkpoints(tmp_path / "converted", remove=True)
-    assert [p.name for p in written] == ["step-000003"] and not ckpt.legacy_checkpoints(tmp_path / "converted")
-    assert ckpt.CheckpointDir(tmp_path / "converted" / ckpt.CHECKPOINT_DIR).latest_name() == "step-000003"
+    assert main(["pretrain", "--convert-checkpoints", str(tmp_path / "converted"), "--remove-legacy"]) == 0
+    folder = tmp_path / "converted" / ckpt.CHECKPOINT_DIR
+    assert capsys.readouterr().out.splitlines() == [f"wrote {folder / 'step-000003'}"]
+    assert not ckpt.legacy_checkpoints(tmp_path / "converted")
+    assert ckpt.CheckpointDir(folder).latest_name() == "step-000003"
+    # A second call has nothing left to convert; a damaged file is named and kept.
+    assert main(["pretrain", "--convert-checkpoints", str(tmp_path / "converted")]) == 0
+    assert "nothing to convert" in capsys.readouterr().out
+    (folder / "step-00000009.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="1 of 1 .pt checkpoints .* did not load and were left as they are"):
+        main(["pretrain", "--convert-checkpoints", str(tmp_path / "converted")])
+    (folder / "step-00000009.pt").unlink()
 
     a = trainable_state(full.compressor)
     for name in ("old", "converted"):
@@ -165,13 +168,41 @@ def test_qa_eval_reports_reader_controls(tmp_path, tokenizer, windows):
 
     result = pretrain(config(tmp_path, steps=1, checkpoint_every=0), backbone=tiny_backbone(tokenizer),
                       windows=windows, progress=False)
-    qa = [QAExample(TEXT[:400], "Who led the Norse raiders?", ["Rollo"], "t")]
+    qa = [QAExample("Who led the Norse raiders?", "Rollo", contexts=[TEXT[:400]], group="t")]
     m = evaluate_qa(result.compressor, qa, reader_adapter=result.compressor.reader_adapter, max_new_tokens=4)
     for name in ("soft", "full", "closed", "full_reader", "closed_reader"):
         assert 0.0 <= m[f"qa_{name}_f1"] <= 1.0 and 0.0 <= m[f"qa_{name}_em"] <= 1.0, name
     assert m["qa_n"] == 1.0
     # Without a reader adapter the two reader controls would repeat the base-model lines: not reported.
     assert "qa_closed_reader_f1" not in evaluate_qa(result.compressor, qa, reader_adapter=None, max_new_tokens=4)
+
+
+def test_qa_objective_reads_what_a_query_reads(tmp_path, tokenizer, windows):
+    # The qa objective's decoder input is the reader's own preparation of the same messages: the same
+    # embeddings as SoftPromptReader.prepare gives a query holding that soft prompt, and the answer as the
+    # reader's chat template closes it.
+    from lloco_index.generation import SoftPromptReader
+    from lloco_index.placeholders import make_placeholder
+    from lloco_index.store import SoftPromptStore
+    from lloco_index.training.data import QAExample
+    from lloco_index.training.objectives import build_decoder_batch, qa_example, qa_messages
+
+    compressor = pretrain(config(tmp_path, steps=1, checkpoint_every=0), backbone=tiny_backbone(tokenizer),
+                          windows=windows, progress=False).compressor
+    qa = QAExample("Who led the Norse raiders?", "Rollo", contexts=[TEXT[:150]])
+    reader = SoftPromptReader(compressor.backbone, SoftPromptStore.for_compressor(compressor), compressor=compressor)
+    example = qa_example(reader, qa, compressor.segment_length)
+    with torch.no_grad():
+        [soft] = compressor.encode([example.segment])
+    reader.store.put({"c0": soft})
+    query = reader.prepare(qa_messages(qa.question, make_placeholder("c0")))
+    # With the soft prompt as the store gives it back (at its storage precision), the inputs are equal.
+    embeds, _, labels = build_decoder_batch(compressor.backbone, [example], [reader.store.get("c0")])
+    n_prompt = query.inputs_embeds.shape[1]
+    assert torch.equal(embeds[0, :n_prompt], query.inputs_embeds[0])
+    assert example.target_ids == reader.answer_ids(qa_messages(qa.question, make_placeholder("c0")), "Rollo")
+    assert labels[0, n_prompt:n_prompt + len(example.target_ids)].tolist() == example.target_ids
+    assert query.soft_positions == soft.shape[0] and (labels[0, :n_prompt] == -100).all()
 
 
 def test_export_round_trip(tmp_path, tokenizer, windows):
