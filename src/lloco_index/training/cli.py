@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import fields
+from pathlib import Path
 from typing import Optional
 
 from .. import defaults
@@ -166,9 +167,29 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from .pretrain import pretrain
 
     config = config_from_args(args)
-    result = pretrain(config, resume=not args.no_resume)
+    try:
+        result = pretrain(config, resume=not args.no_resume)
+    except KeyboardInterrupt as exc:
+        raise pretrain_interrupted(Path(config.run_dir), config.checkpoint_every) from exc
     print(json.dumps({"step": result.step, "eval": result.last_eval}, indent=2))
     return 0
+
+
+def pretrain_interrupted(run_dir: Path, checkpoint_every: int) -> KeyboardInterrupt:
+    """The line a Ctrl-C during ``pretrain`` ends with. Checkpoints are written only every ``checkpoint_every``
+    steps (an interrupt can land inside an optimizer step, so the state at that moment is not one to save):
+    the line names the step training resumes from, so the user knows what is trained again."""
+    from ..errors import Interrupted
+    from . import checkpoint as ckpt
+
+    latest = ckpt.CheckpointDir(run_dir / ckpt.CHECKPOINT_DIR).latest_name()
+    if latest is not None:
+        step = int(latest.split("-")[-1])
+        return Interrupted(f"interrupted: the checkpoint of step {step} is saved in {run_dir / ckpt.CHECKPOINT_DIR}; "
+                           f"run the same command again to resume from it (the steps after {step} are trained "
+                           f"again; --checkpoint-every {checkpoint_every} sets how many can be lost).")
+    return Interrupted(f"interrupted before the first checkpoint (every {checkpoint_every} steps): nothing is saved "
+                       f"in {run_dir} yet; run the same command again to start over.")
 
 
 def _convert_checkpoints(run_dir: str, *, remove: bool) -> int:

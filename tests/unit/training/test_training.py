@@ -455,3 +455,35 @@ def test_one_config_vocabulary_reads_the_older_pretraining_names(tmp_path):
     assert FinetuneConfig(learning_rate=1e-4, grad_accum_steps=2, lr_schedule="linear").training_hash() == "caa63a7be01b2c31"
     with pytest.raises(ValueError, match="lr_schedule must be"):
         PretrainConfig(run_dir="r", lr_schedule="step").check()
+
+
+def test_ctrl_c_in_pretrain_names_the_checkpoint_it_resumes_from(tmp_path, tokenizer, capsys, monkeypatch):
+    from lloco_index.cli import main
+    from lloco_index.training.loop import TrainLoop
+
+    model_dir, text, run_dir = tmp_path / "model", tmp_path / "text.txt", tmp_path / "run"
+    saved = tiny_backbone(tokenizer)
+    saved.base_model.save_pretrained(str(model_dir))
+    saved.tokenizer.save_pretrained(str(model_dir))
+    text.write_text(TEXT * 4)
+    argv = ["pretrain", "--run-dir", str(run_dir), "--decoder", str(model_dir), "--text", str(text), "--steps", "4",
+            "--checkpoint-every", "2", "--segment-length", "32", "--n-slots", "8", "--pool-layer", "1", "--lora-r", "4",
+            "--reader-r", "4", "--batch-size", "2", "--continuation-length", "16", "--objectives", "lm=1,ae=1",
+            "--eval-every", "0"]
+    original = TrainLoop.lrs_at
+
+    def interrupted_in_step_4(self, step):  # the rates of step `step` (0-based) are set as it begins
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(TrainLoop, "lrs_at", interrupted_in_step_4)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    checkpoints = run_dir / ckpt.CHECKPOINT_DIR
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: the checkpoint of step 2 is saved in {checkpoints}; run the same command again to resume from "
+        f"it (the steps after 2 are trained again; --checkpoint-every 2 sets how many can be lost).")
+    monkeypatch.undo()
+    assert main(argv) == 0 and ckpt.CheckpointDir(checkpoints).latest_name() == "step-000004"
