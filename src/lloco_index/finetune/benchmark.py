@@ -32,6 +32,7 @@ import torch
 
 from .. import defaults
 from ..fileio import atomic_write_bytes
+from ..selection import POLICIES
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = FinetuneConfig(epochs=args.epochs, learning_rate=args.lr, seed=0)
     mix = [int(x) for x in args.expansion_mix.split(",")] if args.expansion_mix else None
     engine = LLoCOFinetuneEngine(index, qa, llm=llm, adapter_name="squad", output_dir=run_dir / "adapter", config=config,
-                                 similarity_top_k=args.top_k, use_gold_contexts=False, expansion_mix=mix)
+                                 similarity_top_k=args.top_k, use_gold_contexts=False, expansion_mix=mix,
+                                 policy=args.policy)
     result = engine.finetune(stop_after_steps=args.stop_after_steps)
     summary: dict[str, Any] = {
         "machine": f"{torch.get_num_threads()} torch thread(s), CPU", "compressor": kind, "top_k": args.top_k,
@@ -298,6 +300,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--skip-full", action="store_true")
     p.add_argument("--conditions", nargs="+", default=None, help="evaluate only these conditions, in this order")
     p.add_argument("--full-limit", type=int, default=None, help="full-document baseline on N evenly spread questions")
+    p.add_argument("--policy", default=defaults.DEFAULT_EXPANSION_POLICY, choices=POLICIES,
+                   help="expansion policy of the training examples' mixed contexts (a run resumes with its own)")
     p.add_argument("--report", default=None, metavar="NAME",
                    help="only write docs/benchmarks/NAME.md and its plot from the run's per-question files")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

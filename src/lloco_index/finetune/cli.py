@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from .. import defaults
+from ..selection import POLICIES
 from .config import FinetuneConfig
 
 
@@ -29,6 +30,8 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--expansion-mix", default=None,
                         help="expand_top_k values cycled over the examples, e.g. 0,1,2,4, so the adapter reads every mix "
                              "of text and soft prompts (default: the retriever's own setting, as when querying)")
+    parser.add_argument("--policy", default=defaults.DEFAULT_EXPANSION_POLICY, choices=POLICIES,
+                        help="expansion policy that picks the text chunks of those mixes (use the one you query with)")
     parser.add_argument("--position-budget", type=int, default=None, help="most soft-prompt positions per example (default: the retriever's, as when querying)")
     parser.add_argument("--no-gold-contexts", action="store_true", help="retrieve even where the data has contexts")
     parser.add_argument("--instruction-data", type=Path, default=None, help="general instruction data (jsonl) to mix in")
@@ -117,7 +120,8 @@ def run_finetune(args: argparse.Namespace) -> None:
         config=config, similarity_top_k=args.top_k, position_budget=args.position_budget,
         use_gold_contexts=not args.no_gold_contexts, instruction_data=args.instruction_data,
         question_llm=llm if generate else None, num_questions_per_chunk=args.questions_per_chunk,
-        max_question_nodes=args.max_question_nodes, expansion_mix=mix, show_progress=not args.no_progress,
+        max_question_nodes=args.max_question_nodes, expansion_mix=mix, policy=args.policy,
+        show_progress=not args.no_progress,
         persist_dir=args.persist_dir)
     try:
         result = engine.finetune(stop_after_steps=args.stop_after_steps, overwrite=args.overwrite)

@@ -75,7 +75,9 @@ ANSWER_GEN_TEMPLATE = PromptTemplate(
 RUN_SETTINGS_NAME = "run.json"
 # Engine arguments recorded in run.json and given back by LLoCOFinetuneEngine.resume.
 _RUN_SETTINGS = ("adapter_name", "similarity_top_k", "position_budget", "use_gold_contexts", "instruction_data",
-                 "num_questions_per_chunk", "max_question_nodes", "expansion_mix", "teacher")
+                 "num_questions_per_chunk", "max_question_nodes", "expansion_mix", "policy", "teacher")
+# The expansion policy of runs whose run.json predates its being recorded there.
+_POLICY_BEFORE_RECORDED = "score"
 _NUMBERING = re.compile(r"^\s*(?:[-*\u2022]|\(?\d+[.):]|Q\d*[.:]|Question\s*\d*[.:])\s*", re.IGNORECASE)
 
 
@@ -144,6 +146,8 @@ class LLoCOFinetuneEngine:
         expansion_mix: ``expand_top_k`` values cycled over the retrieved examples (e.g. ``(0, 1, 2, 4)``), so the
             adapter learns to read every mix of text and soft prompts the selection policy can produce; default:
             the retriever's own setting for every example (what queries see).
+        policy: the expansion policy that picks those text chunks (:mod:`lloco_index.selection`); train with the
+            one queries will use. Ignored when a ready ``LLoCORetriever`` is passed (it has its own).
     """
 
     def __init__(
@@ -165,6 +169,7 @@ class LLoCOFinetuneEngine:
         max_question_nodes: Optional[int] = None,
         teacher: Any = "self",
         expansion_mix: Optional[Sequence[int]] = None,
+        policy: str = defaults.DEFAULT_EXPANSION_POLICY,
         show_progress: bool = True,
         persist_dir: Optional[Union[str, Path]] = None,
         **config_overrides: Any,
@@ -189,6 +194,7 @@ class LLoCOFinetuneEngine:
         self.max_question_nodes = max_question_nodes
         self.teacher = teacher
         self.expansion_mix = list(expansion_mix) if expansion_mix is not None else None
+        self.policy = policy
         if self.expansion_mix is not None and (not self.expansion_mix or min(self.expansion_mix) < 0):
             raise ValueError(f"expansion_mix must list expand_top_k values >= 0, got {expansion_mix!r}.")
         self.show_progress = show_progress
@@ -199,13 +205,15 @@ class LLoCOFinetuneEngine:
         self.index = None if isinstance(index_or_retriever, BaseRetriever) else index_or_retriever
         if self.index is not None:
             engine = LLoCOQueryEngine.from_index(self.index, llm, response_mode=response_mode,
-                                                 similarity_top_k=similarity_top_k, position_budget=position_budget)
+                                                 similarity_top_k=similarity_top_k, position_budget=position_budget,
+                                                 policy=policy)
         else:
             retriever = index_or_retriever
             if not isinstance(retriever, LLoCORetriever):
                 budget = position_budget if position_budget is not None else min(
                     defaults.DEFAULT_POSITION_BUDGET, llm.metadata.context_window // 2)  # 0 is refused, not the default
-                retriever = LLoCORetriever(retriever, llm.store, position_budget=budget, text_positions=llm.count_positions)
+                retriever = LLoCORetriever(retriever, llm.store, position_budget=budget, text_positions=llm.count_positions,
+                                           policy=policy)
             # The synthesizer LLoCOQueryEngine.from_index builds, over this retriever.
             from llama_index.core import get_response_synthesizer
 
@@ -264,6 +272,7 @@ class LLoCOFinetuneEngine:
                 f"The run in '{output_dir}' was started with records given in Python, which it does not keep: pass "
                 f"them again, LLoCOFinetuneEngine.resume('{output_dir}', dataset=records).")
         kwargs: dict[str, Any] = {k: settings[k] for k in _RUN_SETTINGS if k in settings}
+        kwargs.setdefault("policy", _POLICY_BEFORE_RECORDED)
         kwargs["config"] = FinetuneConfig.from_dict(settings["config"])
         if settings.get("teacher") not in (None, "self"):
             kwargs.pop("teacher", None)  # another LLM answered: it cannot be reopened from a name
@@ -287,7 +296,7 @@ class LLoCOFinetuneEngine:
             "similarity_top_k": self.similarity_top_k, "position_budget": self.position_budget,
             "use_gold_contexts": self.use_gold_contexts, "instruction_data": as_path(self.instruction_data),
             "num_questions_per_chunk": self.num_questions_per_chunk, "max_question_nodes": self.max_question_nodes,
-            "expansion_mix": self.expansion_mix,
+            "expansion_mix": self.expansion_mix, "policy": self.policy,
             "teacher": self.teacher if self.teacher in (None, "self") else type(self.teacher).__name__,
             "llm": {"system_prompt": self.llm.system_prompt, "max_new_tokens": self.llm.max_new_tokens},
         }

@@ -15,6 +15,7 @@ from llama_index.core.instrumentation import get_dispatcher
 from llama_index.core.instrumentation.event_handlers import BaseEventHandler
 from llama_index.core.instrumentation.events.llm import LLMChatStartEvent
 
+from lloco_index import defaults
 from lloco_index.adapters import read_adapter_metadata
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.compressors.token_embedding import TokenEmbeddingConfig
@@ -379,5 +380,12 @@ def test_cli_finetune_resumes_from_python(tmp_path, qa_file):
                  "2", "--lr", "1e-2", "--val-fraction", "0", "--top-k", "2", "--no-progress", "--stop-after-steps", "1"]) == 0
     resumed = LLoCOFinetuneEngine.resume(out2, show_progress=False)
     assert resumed.config.learning_rate == 1e-2 and resumed.similarity_top_k == 2 and resumed.adapter_name == "second"
+    assert resumed.policy == defaults.DEFAULT_EXPANSION_POLICY  # recorded in run.json with the rest
     result = resumed.finetune()
     assert result.finished and result.step == result.total_steps
+    # A run.json written before the policy was recorded there: its runs chose their text chunks by score.
+    settings_path = out2 / "training" / "run.json"
+    settings = json.loads(settings_path.read_text())
+    del settings["policy"]
+    settings_path.write_text(json.dumps(settings))
+    assert LLoCOFinetuneEngine.resume(out2, show_progress=False).policy == "score"
