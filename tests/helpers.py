@@ -109,3 +109,24 @@ def cli_storage(tmp_path) -> tuple[Path, str]:
     # fingerprint, and save_pretrained rewrites it, so the reloaded compressor would not match its own store.
     build_index(FINETUNE_DOCS, compressor, persist_dir=tmp_path / "storage", embed_model=default_embed_model())
     return tmp_path / "storage", compressor.fingerprint
+
+
+class CountingCompressor:
+    """Wraps a real compressor, records the texts it is asked to compress and can stop it on its Nth call
+    (``fail_on_call``, raising ``exc``): what the store's "never recompute" and interruption tests count."""
+
+    def __init__(self, inner, fail_on_call=None, exc=KeyboardInterrupt, on_call=None):
+        self.inner, self.calls, self.n = inner, [], 0
+        self.fail_on_call, self.exc, self.on_call = fail_on_call, exc, on_call
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def compress(self, texts, **kwargs):
+        self.n += 1
+        if self.on_call:
+            self.on_call(self.n)
+        if self.n == self.fail_on_call:
+            raise self.exc("stopped")
+        self.calls.extend(texts)
+        return self.inner.compress(texts, **kwargs)

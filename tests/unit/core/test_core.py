@@ -22,6 +22,7 @@ from lloco_index.precision import generation_autocast
 from lloco_index.placeholders import SoftPromptRef, find_ids, make_placeholder, split_prompt
 from lloco_index.store import SoftPromptStore
 
+from helpers import CountingCompressor
 from helpers import greedy_plain as _greedy_plain
 
 TEXT = ("The lighthouse at Alexandria was built around 280 BC. It stood for centuries. "
@@ -188,20 +189,6 @@ def test_corrupt_compressor_weights(backbone, tmp_path):
 
 
 # ------------------------------------------------------------------------- store
-class CountingCompressor:
-    """Wraps a compressor and counts the texts it is asked to compress."""
-
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def compress(self, texts, **kwargs):
-        self.calls.extend(texts)
-        return self.inner.compress(texts, **kwargs)
-
-
 def test_store_content_hash_never_recomputes(backbone, tmp_path):
     comp = CountingCompressor(small_icae(backbone))
     store = SoftPromptStore.open(tmp_path, comp)

@@ -14,6 +14,8 @@ from lloco_index.storage import FsspecBackend, LocalDirectoryBackend, StorageBac
 from lloco_index.storage.quantization import INT8_ROWWISE, dequantize_rows, quantize_rows
 from lloco_index.store import SoftPromptStore
 
+from helpers import CountingCompressor
+
 fsspec = pytest.importorskip("fsspec", reason="fsspec (extra 'remote') is not installed")
 
 CHUNKS = ["The lighthouse at Alexandria was built around 280 BC.", "Bees make honey from nectar.", "Bicycles have two wheels."]
@@ -83,20 +85,8 @@ def test_backend_for_picks_by_location(tmp_path):
 
 
 # --------------------------------------------------------------------- store
-class Counting:
-    def __init__(self, inner):
-        self.inner, self.calls = inner, []
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def compress(self, texts, **kwargs):
-        self.calls.extend(texts)
-        return self.inner.compress(texts, **kwargs)
-
-
 def test_store_on_any_backend(backbone, location):
-    comp = Counting(small_icae(backbone))
+    comp = CountingCompressor(small_icae(backbone))
     store = SoftPromptStore.open(location, comp)
     ids = store.add(CHUNKS, comp)
     reopened = SoftPromptStore.open(location, comp)

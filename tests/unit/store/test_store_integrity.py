@@ -12,25 +12,9 @@ from lloco_index.compressors import ICAECompressor, ICAEConfig, TokenEmbeddingCo
 from lloco_index.errors import CorruptStoreError, StoreMismatchError
 from lloco_index.store import SoftPromptStore
 
+from helpers import CountingCompressor
+
 TEXTS = [f"chunk number {i}: the lighthouse keeper wrote {i * 7} lines in the log." for i in range(10)]
-
-
-class CountingCompressor:
-    def __init__(self, inner, fail_on_call=None, exc=KeyboardInterrupt, on_call=None):
-        self.inner, self.calls, self.n = inner, [], 0
-        self.fail_on_call, self.exc, self.on_call = fail_on_call, exc, on_call
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def compress(self, texts, **kwargs):
-        self.n += 1
-        if self.on_call:
-            self.on_call(self.n)
-        if self.n == self.fail_on_call:
-            raise self.exc("stopped")
-        self.calls.extend(texts)
-        return self.inner.compress(texts, **kwargs)
 
 
 @pytest.fixture
