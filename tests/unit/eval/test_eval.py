@@ -228,8 +228,8 @@ def test_quick_suite_smoke_on_tiny_model(tmp_path, tiny_backbone, monkeypatch):
 
 
 
-def test_hybrid_system_expands_the_best_chunk_and_keeps_reading_order(tmp_path, tiny_backbone, monkeypatch):
-    from lloco_index.eval.report import read_records
+def _needle_run(tmp_path, tiny_backbone, monkeypatch, **kwargs) -> dict:
+    """One needle (1,500 tokens, depth 0.5) through text RAG, soft prompts and ``hybrid1``, top-3."""
     from lloco_index.eval.retrieval import load_embedder
     from lloco_index.eval.runner import SuiteSpec, run_benchmark
 
@@ -237,9 +237,15 @@ def test_hybrid_system_expands_the_best_chunk_and_keeps_reading_order(tmp_path, 
     root = _write_fixtures(tmp_path / "data")
     suite = SuiteSpec(squad=dict(max_documents=0, max_questions=0), quality=dict(max_documents=0, max_questions=0),
                       needle=dict(lengths=[1500], depths=[0.5]), max_new_tokens=4)
-    summary = run_benchmark(suite, data_dir=root, out_dir=tmp_path / "out", compressors=["token_embedding"],
-                            systems=["rag", "lloco"], datasets=["needle"], backbone=tiny_backbone,
-                            embedder=load_embedder(), top_k=3, tag="hybrid", progress=False, expand_top_k=[1])
+    return run_benchmark(suite, data_dir=root, out_dir=tmp_path / "out", systems=["rag", "lloco"], datasets=["needle"],
+                         backbone=tiny_backbone, embedder=load_embedder(), top_k=3, progress=False, expand_top_k=[1],
+                         **kwargs)
+
+
+def test_hybrid_system_expands_the_best_chunk_and_keeps_reading_order(tmp_path, tiny_backbone, monkeypatch):
+    from lloco_index.eval.report import read_records
+
+    summary = _needle_run(tmp_path, tiny_backbone, monkeypatch, compressors=["token_embedding"], tag="hybrid")
     by = {r["system"]: r for r in read_records(summary["results"]) if r["type"] == "question"}
     hybrid, rag, soft = by["hybrid1[token_embedding]"], by["rag"], by["lloco[token_embedding]"]
     assert hybrid["retrieved"] == rag["retrieved"] == soft["retrieved"]  # reading order unchanged
@@ -333,17 +339,9 @@ def test_plan_refuses_what_it_cannot_run(kwargs, message):
 
 def test_rag_cut_reads_the_hybrids_positions_and_rag_top1_one_chunk(tmp_path, tiny_backbone, monkeypatch):
     from lloco_index.eval.report import read_records
-    from lloco_index.eval.retrieval import load_embedder
-    from lloco_index.eval.runner import SuiteSpec, run_benchmark
 
-    monkeypatch.setenv("LLMLINGUA_VENV", str(tmp_path / "no-such-venv"))
-    root = _write_fixtures(tmp_path / "data")
-    suite = SuiteSpec(squad=dict(max_documents=0, max_questions=0), quality=dict(max_documents=0, max_questions=0),
-                      needle=dict(lengths=[1500], depths=[0.5]), max_new_tokens=4)
-    summary = run_benchmark(suite, data_dir=root, out_dir=tmp_path / "out", compressors=["icae-untrained"],
-                            systems=["rag", "lloco"], datasets=["needle"], backbone=tiny_backbone,
-                            embedder=load_embedder(), top_k=3, tag="cut", progress=False, expand_top_k=[1],
-                            rag_top_k=[1], rag_cut=True)
+    summary = _needle_run(tmp_path, tiny_backbone, monkeypatch, compressors=["icae-untrained"], tag="cut",
+                          rag_top_k=[1], rag_cut=True)
     by = {r["system"]: r for r in read_records(summary["results"]) if r["type"] == "question"}
     hybrid, cut, top1 = by["hybrid1[icae-untrained]"], by["rag_cut1"], by["rag_top1"]
     assert len(top1["retrieved"]) == 1 and len(by["rag"]["retrieved"]) == 3
