@@ -58,7 +58,7 @@ def _plan(args) -> dict:
     from lloco_index.eval.datasets import load_squad
     from lloco_index.chunking import chunk_text
     from lloco_index.eval.systems import CHUNK_SEPARATOR, build_messages
-    from lloco_index.placeholders import make_placeholder
+    from lloco_index.generation import make_placeholder
     from lloco_index.store import SoftPromptStore
 
     backbone = Backbone.load(args.decoder)

@@ -34,7 +34,7 @@ from lloco_index.eval.runner import default_compressor_specs, machine_info, reso
 from lloco_index.eval.systems import CHUNK_SEPARATOR, PeakRSS, build_messages, timed_generate
 from lloco_index.chunking import chunk_text
 from lloco_index.generation import AUTO, SoftPromptReader
-from lloco_index.placeholders import make_placeholder
+from lloco_index.generation import make_placeholder
 from lloco_index.store import SoftPromptStore
 
 

@@ -39,8 +39,7 @@ from .errors import (
     PlaceholderNotAllowedError,
     UnknownPlaceholderError,
 )
-from .generation import SoftPromptReader
-from .placeholders import make_placeholder, split_prompt
+from .generation import SoftPromptReader, escape_placeholders, find_ids, make_placeholder, split_prompt
 from .precision import describe as describe_precision
 from .precision import set_precision
 from .store import SoftPromptStore
@@ -90,6 +89,8 @@ __all__ = [
     "PlaceholderNotAllowedError",
     "UnknownPlaceholderError",
     "describe_precision",
+    "escape_placeholders",
+    "find_ids",
     "load_compressor",
     "make_placeholder",
     "set_precision",

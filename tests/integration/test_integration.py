@@ -39,7 +39,7 @@ def _plain_token_ids(backbone, rendered: str, chunk_texts: dict[str, str]) -> li
     BPE merges whitespace differently across a boundary (e.g. "\n\n" + "The" vs "\n\nThe"), and the
     identity test is about splicing and positions, not about that.
     """
-    from lloco_index.placeholders import SoftPromptRef, split_prompt
+    from lloco_index.generation import SoftPromptRef, split_prompt
 
     ids: list[int] = []
     for piece in split_prompt(rendered):

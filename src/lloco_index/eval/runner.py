@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .. import defaults
 from ..backbone import Backbone
 from ..generation import AUTO, SoftPromptReader
-from ..placeholders import make_placeholder
+from ..generation import make_placeholder
 from ..store import SoftPromptStore
 from . import datasets as ds
 from .metrics import score_prediction

@@ -33,7 +33,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from .. import defaults
 from ..keys import CHUNK_KEY, DOC_KEY, EXPANDED_KEY, ID_KEY, POSITIONS_KEY, SCORE_KEY, TEXT_KEY
-from ..placeholders import hand_out, make_placeholder
+from ..generation import hand_out, make_placeholder
 from ..selection import POLICIES
 from ..store import SoftPromptStore
 from .search import ChunkIndex, OnEmpty, SearchHit

@@ -52,7 +52,7 @@ from ..finetune.data import (
 )
 from ..finetune.examples import Context, build_train_examples, self_teacher
 from ..finetune.trainer import TRAINING_SUBDIR, FinetuneResult, FinetuneResumeError, LoRAFinetuner
-from ..placeholders import make_placeholder
+from ..generation import make_placeholder
 from ..training.data import QAExample, load_qa_examples, write_qa_jsonl
 from .llm import LLoCOLLM
 from .node_keys import CHUNK_KEY, DOC_KEY, SOFT_PROMPT_KEY, is_compressed

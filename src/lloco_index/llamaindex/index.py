@@ -26,7 +26,7 @@ from ..chunking import check_text, chunk_text
 from ..errors import CorruptStoreError, EmptyDocumentError
 from ..fileio import exclusive_lock
 from ..manifest import load_compressor_for, write_manifest
-from ..placeholders import make_placeholder
+from ..generation import make_placeholder
 from ..store import SoftPromptStore
 from .node_keys import CHUNK_KEY, DOC_KEY, FINGERPRINT_KEY, ID_KEY, POSITIONS_KEY, SOFT_PROMPT_KEY, apply_placeholder_view
 

@@ -23,7 +23,7 @@ from llama_index.core.llms.custom import CustomLLM
 
 from .. import defaults
 from ..generation import AUTO, GenerationResult, SoftPromptReader
-from ..placeholders import RESOLVE_RETRIEVED, check_handed_out, check_resolve_choice, find_ids, hand_out
+from ..generation import RESOLVE_RETRIEVED, check_handed_out, check_resolve_choice, find_ids, hand_out
 from ..store import SoftPromptStore
 
 R = TypeVar("R")

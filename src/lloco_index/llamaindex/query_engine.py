@@ -21,7 +21,7 @@ from llama_index.core.schema import QueryBundle
 
 from .. import defaults
 from ..errors import ContextBudgetError
-from ..placeholders import PLACEHOLDER_RE, escape_placeholders, find_ids
+from ..generation import PLACEHOLDER_RE, escape_placeholders, find_ids
 from .retriever import LLoCORetriever
 
 SEPARATOR = "\n\n"
@@ -104,7 +104,7 @@ class LLoCOQueryEngine(RetrieverQueryEngine):
 
     The question is untrusted text: placeholders in it are escaped, so only
     the soft prompts of the retrieved nodes are read (see
-    :func:`~lloco_index.placeholders.escape_placeholders`).
+    :func:`~lloco_index.escape_placeholders`).
     """
 
     def _query(self, query_bundle: QueryBundle):

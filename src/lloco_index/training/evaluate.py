@@ -26,7 +26,7 @@ import torch
 
 from ..eval.metrics import exact_match, f1_score
 from ..generation import SoftPromptReader
-from ..placeholders import make_placeholder
+from ..generation import make_placeholder
 from ..store import SoftPromptStore
 from .data import QAExample, Window, context_text, load_documents, make_windows, tokenize_documents
 from .objectives import (
@@ -174,7 +174,7 @@ def squad_test_qa(backbone, data_dir, n: int, segment_length: int) -> list[QAExa
 
 def _with_ids(messages: Sequence[dict], ids: dict[str, str]) -> list[dict]:
     """``messages`` with each example-local placeholder ``cJ`` replaced by a store id's placeholder."""
-    from ..placeholders import PLACEHOLDER_RE
+    from ..generation import PLACEHOLDER_RE
 
     return [{**m, "content": PLACEHOLDER_RE.sub(lambda g: make_placeholder(ids[g.group(1)]), m["content"])} for m in messages]
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..generation import Piece, SoftPromptReader, embed_pieces
-from ..placeholders import SoftPromptRef, make_placeholder
+from ..generation import SoftPromptRef, make_placeholder
 from ..precision import autocast
 from .data import QAExample, Window, context_text
 

@@ -33,7 +33,7 @@ from typing import Callable, Optional, Sequence, Union
 from .. import defaults
 from ..chunking import chunk_text
 from ..fileio import atomic_write_bytes
-from ..placeholders import make_placeholder
+from ..generation import make_placeholder
 from ..selection import POLICIES, Candidate, SelectionConfig, expansion_scores, select
 
 MessagesFn = Callable[[str, Sequence[str]], list[dict]]

@@ -35,7 +35,7 @@ def test_no_peft_warnings_about_the_base_model_path_or_deleted_adapters(tmp_path
     from lloco_index.finetune import LoRAFinetuner
     from lloco_index.finetune.data import TrainExample
     from lloco_index.generation import SoftPromptReader
-    from lloco_index.placeholders import make_placeholder
+    from lloco_index.generation import make_placeholder
     from lloco_index.store import SoftPromptStore
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network either way; peft's check then gives up and warns

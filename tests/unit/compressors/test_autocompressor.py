@@ -28,7 +28,7 @@ from lloco_index.compressors.loading import load_compressor
 from lloco_index.errors import ModelNotFoundError
 from lloco_index.generation import SoftPromptReader
 from lloco_index.precision import autocast
-from lloco_index.placeholders import make_placeholder
+from lloco_index.generation import make_placeholder
 from lloco_index.store import SoftPromptStore
 
 SUMMARY_LENGTH = 4

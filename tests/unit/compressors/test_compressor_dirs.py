@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from lloco_index.compressors import ICAECompressor, ICAEConfig, TokenEmbeddingCompressor, load_compressor
 from lloco_index.compressors.token_embedding import TokenEmbeddingConfig

@@ -19,7 +19,7 @@ from lloco_index.errors import (
 )
 from lloco_index.generation import SoftPromptReader
 from lloco_index.precision import generation_autocast
-from lloco_index.placeholders import SoftPromptRef, find_ids, make_placeholder, split_prompt
+from lloco_index.generation import SoftPromptRef, find_ids, make_placeholder, split_prompt
 from lloco_index.store import SoftPromptStore
 
 from helpers import CountingCompressor

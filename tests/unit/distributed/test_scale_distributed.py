@@ -11,7 +11,7 @@ import torch
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'lloco-index[distributed]'")
 
 from lloco_index.backbone import Backbone  # noqa: E402
-from lloco_index.compressors import ICAECompressor, ICAEConfig, load_compressor  # noqa: E402
+from lloco_index.compressors import ICAECompressor, ICAEConfig  # noqa: E402
 from lloco_index.distributed import CompressorSpec, compress_with_ray  # noqa: E402
 from lloco_index.store import SoftPromptStore  # noqa: E402
 from tiny_models import smollm2_tokenizer, tiny_llama  # noqa: E402

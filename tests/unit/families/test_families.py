@@ -18,7 +18,7 @@ from lloco_index.compressors import ICAECompressor, ICAEConfig, TokenEmbeddingCo
 from lloco_index.errors import UnsupportedModelError
 from lloco_index.families import SUPPORTED_FAMILIES
 from lloco_index.generation import SoftPromptReader
-from lloco_index.placeholders import make_placeholder
+from lloco_index.generation import make_placeholder
 from lloco_index.store import SoftPromptStore
 
 from helpers import FACTS, PROSE as TEXT, greedy_plain as _greedy_plain, pretrain_config

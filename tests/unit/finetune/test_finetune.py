@@ -24,7 +24,7 @@ from lloco_index.finetune import FinetuneConfig, FinetuneResumeError, QAExample,
 from lloco_index.finetune.data import TrainExample, load_instruction_examples, mix_instructions
 from lloco_index.llamaindex import LLoCOFinetuneEngine, LLoCOLLM, LLoCOQueryEngine, build_index
 from lloco_index.llamaindex.finetune import parse_questions
-from lloco_index.placeholders import find_ids
+from lloco_index.generation import find_ids
 
 from helpers import FACTS, fast_finetune_config as fast_config
 
@@ -311,7 +311,7 @@ def test_starts_from_the_compressors_reader_adapter(tmp_path):
     from lloco_index.compressors import ICAECompressor, ICAEConfig
     from lloco_index.finetune import LoRAFinetuner
     from lloco_index.generation import SoftPromptReader
-    from lloco_index.placeholders import make_placeholder
+    from lloco_index.generation import make_placeholder
     from lloco_index.store import SoftPromptStore
 
     backbone = tiny_backbone()

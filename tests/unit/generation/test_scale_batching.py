@@ -28,7 +28,7 @@ from lloco_index.backbone import Backbone
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.errors import UnknownPlaceholderError
 from lloco_index.generation import SoftPromptReader
-from lloco_index.placeholders import make_placeholder
+from lloco_index.generation import make_placeholder
 from lloco_index.serving.batching import BatchingQueue, generate_prepared_batch, left_pad
 from lloco_index.store import SoftPromptStore
 from tiny_models import smollm2_tokenizer, tiny_llama

@@ -23,7 +23,7 @@ from langchain_core.runnables import RunnablePassthrough
 from conftest_langchain import CORPUS, METADATAS, make_tiny_backbone, tiny_backbone, tiny_chunk_index, tiny_compressor
 from lloco_index.errors import CorruptStoreError, EmptyDocumentError, StoreMismatchError, UnknownPlaceholderError
 from lloco_index.langchain import ChatLLoCO, LLoCOLangChainRetriever
-from lloco_index.placeholders import make_placeholder
+from lloco_index.generation import make_placeholder
 
 QUESTION = "How tall is the Eiffel Tower?"
 PROMPT = ChatPromptTemplate.from_template("Answer from the context.\n\nContext:\n{context}\n\nQuestion: {question}")

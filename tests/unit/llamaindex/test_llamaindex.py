@@ -14,7 +14,7 @@ from lloco_index.compressors import ICAECompressor, ICAEConfig
 from lloco_index.errors import EmptyDocumentError, StoreMismatchError
 from lloco_index.llamaindex import LLoCOLLM, LLoCONodeParser, LLoCOQueryEngine, LLoCORetriever, build_index, load_index
 from lloco_index.llamaindex.node_keys import CHUNK_KEY, DOC_KEY, ID_KEY, SOFT_PROMPT_KEY
-from lloco_index.placeholders import find_ids
+from lloco_index.generation import find_ids
 from lloco_index.store import SoftPromptStore
 
 TOPICS = ["lighthouses guide ships", "bees make honey from nectar", "bicycles have two wheels", "volcanoes erupt lava"]

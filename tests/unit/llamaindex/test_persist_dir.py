@@ -7,7 +7,7 @@ from llama_index.core import Document
 
 from lloco_index.cli import main
 from lloco_index.compressors import ICAECompressor, ICAEConfig
-from lloco_index.errors import CorruptStoreError, InputError, PersistDirError, StoreLockedError
+from lloco_index.errors import CorruptStoreError, PersistDirError, StoreLockedError
 from lloco_index.fileio import exclusive_lock
 from lloco_index.llamaindex import build_index, load_index
 from lloco_index.llamaindex.documents import read_documents

@@ -14,7 +14,7 @@ from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.compressors.token_embedding import TokenEmbeddingConfig
 from lloco_index.llamaindex import LLoCOLLM, LLoCONodeParser, LLoCOQueryEngine, LLoCORetriever, build_index
 from lloco_index.llamaindex.node_keys import ID_KEY
-from lloco_index.placeholders import find_ids
+from lloco_index.generation import find_ids
 
 from helpers import DOCS  # shared with the Qdrant test
 

@@ -55,7 +55,7 @@ def gpu_setup(tmp_path_factory):
                                          adapters={"probe": str(adapter_dir / "probe")},
                                          gpu_memory_utilization=0.3, max_model_len=2048, enforce_eager=True)
     questions = ["When was it finished?", "What do they make?", "What was it?"]
-    from lloco_index.placeholders import make_placeholder
+    from lloco_index.generation import make_placeholder
 
     messages = [[{"role": "user", "content": f"Context: {make_placeholder(i)}\nQuestion: {q}"}] for i, q in zip(ids, questions)]
     return hf, vllm_reader, messages

@@ -182,7 +182,7 @@ def test_qa_objective_reads_what_a_query_reads(tmp_path, tokenizer, windows):
     # embeddings as SoftPromptReader.prepare gives a query holding that soft prompt, and the answer as the
     # reader's chat template closes it.
     from lloco_index.generation import SoftPromptReader
-    from lloco_index.placeholders import make_placeholder
+    from lloco_index.generation import make_placeholder
     from lloco_index.store import SoftPromptStore
     from lloco_index.training.data import QAExample
     from lloco_index.training.objectives import build_decoder_batch, qa_example, qa_messages

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lloco_index.vectors import DenseIndex, Embedder, as_embedder
+from lloco_index.vectors import DenseIndex, as_embedder
 
 
 class LetterCounts:

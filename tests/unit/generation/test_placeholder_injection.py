@@ -8,7 +8,7 @@ from llama_index.core import Document
 from lloco_index.compressors import ICAECompressor, ICAEConfig
 from lloco_index.llamaindex import LLoCOLLM, LLoCOQueryEngine, build_index
 from lloco_index.llamaindex.node_keys import ID_KEY
-from lloco_index.placeholders import escape_placeholders, find_ids, make_placeholder
+from lloco_index.generation import escape_placeholders, find_ids, make_placeholder
 
 TOPICS = ["lighthouses guide ships", "bees make honey from nectar", "bicycles have two wheels", "volcanoes erupt lava"]
 DOCS = [Document(text=" ".join(f"Sentence {i} says that {t}." for i in range(20))) for t in TOPICS]
@@ -55,7 +55,7 @@ def test_plain_as_query_engine_refuses_a_typed_placeholder(backbone):
     """``index.as_query_engine`` does not escape the question: LLoCOLLM refuses ids no retrieval handed out."""
     from lloco_index.errors import PlaceholderNotAllowedError, UnknownPlaceholderError
     from lloco_index.llamaindex import default_embed_model
-    from lloco_index.placeholders import was_handed_out
+    from lloco_index.generation import was_handed_out
 
     compressor = ICAECompressor(backbone, ICAEConfig(n_slots=8, segment_length=32, pooling="mean", lora_r=4, lora_alpha=8))
     index, store = build_index(DOCS, compressor, embed_model=default_embed_model())
@@ -81,14 +81,13 @@ def test_plain_as_query_engine_refuses_a_typed_placeholder(backbone):
 def test_lcel_chain_refuses_a_typed_placeholder_but_reads_the_retrieved_ones(tmp_path):
     """The prompt template puts the retriever's placeholders and the question into ONE human message:
     the retrieved ids resolve, an id typed into the question does not."""
-    from langchain_core.output_parsers import StrOutputParser
     from langchain_core.prompts import ChatPromptTemplate
     from langchain_core.runnables import RunnablePassthrough
 
     from conftest_langchain import CORPUS, METADATAS, tiny_compressor
     from lloco_index.errors import PlaceholderNotAllowedError
     from lloco_index.langchain import ChatLLoCO, LLoCOLangChainRetriever
-    from lloco_index.placeholders import was_handed_out
+    from lloco_index.generation import was_handed_out
 
     retriever = LLoCOLangChainRetriever.from_texts(CORPUS, tiny_compressor(), tmp_path / "lc", METADATAS, k=1, expand_top_k=0)
     llm = ChatLLoCO.from_persist_dir(tmp_path / "lc", tiny_compressor(), max_tokens=2)  # another store object
