@@ -32,8 +32,7 @@ import torch
 from lloco_index import defaults
 from lloco_index.backbone import Backbone
 from lloco_index.eval.runner import machine_info
-from lloco_index.generation import SoftPromptReader
-from lloco_index.generation import make_placeholder
+from lloco_index.generation import SoftPromptReader, make_placeholder
 from lloco_index.store import SoftPromptStore
 
 

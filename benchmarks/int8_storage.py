@@ -30,8 +30,7 @@ import torch
 
 from lloco_index import defaults
 from lloco_index.backbone import Backbone
-from lloco_index.generation import SoftPromptReader
-from lloco_index.generation import make_placeholder
+from lloco_index.generation import SoftPromptReader, make_placeholder
 from lloco_index.storage.quantization import INT8_ROWWISE
 from lloco_index.store import SoftPromptStore
 

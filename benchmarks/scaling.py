@@ -33,8 +33,7 @@ from lloco_index.eval import datasets as ds
 from lloco_index.eval.runner import default_compressor_specs, machine_info, resolve_compressors
 from lloco_index.eval.systems import CHUNK_SEPARATOR, PeakRSS, build_messages, timed_generate
 from lloco_index.chunking import chunk_text
-from lloco_index.generation import AUTO, SoftPromptReader
-from lloco_index.generation import make_placeholder
+from lloco_index.generation import AUTO, SoftPromptReader, make_placeholder
 from lloco_index.store import SoftPromptStore
 
 

@@ -359,17 +359,20 @@ class SoftPromptReader:
         return GenerationResult(text=text.strip(), prompt=prepared, new_tokens=int(new.shape[0]), total_s=time.perf_counter() - start)
 
     def generate_batch(self, list_of_messages: Sequence[Sequence[Message]], *, adapter: Optional[str] = AUTO,
-                       max_new_tokens: Optional[int] = None, batch_size: int = 8) -> list[GenerationResult]:
+                       max_new_tokens: Optional[int] = None, batch_size: int = 8,
+                       progress: Union[bool, str] = False) -> list[GenerationResult]:
         """Greedy answers to many prompts, ``batch_size`` at a time (left-padded ``inputs_embeds``).
 
         Same answers as calling :meth:`generate` on each, in input order, at a
-        fraction of the time per answer. See :mod:`lloco_index.serving.batching`.
+        fraction of the time per answer; ``progress`` shows a bar (a string names it).
+        See :mod:`lloco_index.serving.batching`.
 
         >>> [r.text for r in reader.generate_batch([msgs_a, msgs_b], adapter=None, max_new_tokens=32)]
         """
         from .serving.batching import generate_batch
 
-        return generate_batch(self, list_of_messages, adapter=adapter, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        return generate_batch(self, list_of_messages, adapter=adapter, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, progress=progress)
 
     batch = generate_batch  # the name batch-style runners (and LangChain users) look for
 

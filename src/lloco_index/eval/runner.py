@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 from .. import defaults
 from ..backbone import Backbone
-from ..generation import AUTO, SoftPromptReader
-from ..generation import make_placeholder
+from ..generation import AUTO, SoftPromptReader, make_placeholder
 from ..store import SoftPromptStore
 from . import datasets as ds
 from .metrics import score_prediction

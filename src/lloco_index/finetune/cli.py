@@ -86,8 +86,8 @@ def finetune_interrupted(output_dir: Path, config: FinetuneConfig) -> KeyboardIn
         return Interrupted(f"interrupted before the first checkpoint (every {config.checkpoint_every} steps): the "
                            f"training examples are saved in {training}; run the same command again to train without "
                            f"building them again ({python}).")
-    return Interrupted(f"interrupted while building the training examples: nothing is saved yet; run the same "
-                       f"command again to start over.")
+    return Interrupted("interrupted while building the training examples: nothing is saved yet; run the same "
+                       "command again to start over.")
 
 
 def run_finetune(args: argparse.Namespace) -> None:

@@ -48,8 +48,10 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from .. import defaults
 from ..errors import UnknownPlaceholderError
-from ..generation import AUTO, SoftPromptReader
-from ..generation import RESOLVE_RETRIEVED, SoftPromptRef, check_handed_out, check_resolve_choice, find_ids, split_prompt
+from ..generation import (
+    AUTO, RESOLVE_RETRIEVED, SoftPromptReader, SoftPromptRef,
+    check_handed_out, check_resolve_choice, find_ids, split_prompt,
+)
 from ..store import SoftPromptStore
 
 logger = logging.getLogger(__name__)

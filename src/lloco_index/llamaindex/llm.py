@@ -22,8 +22,10 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 from llama_index.core.llms.custom import CustomLLM
 
 from .. import defaults
-from ..generation import AUTO, GenerationResult, SoftPromptReader
-from ..generation import RESOLVE_RETRIEVED, check_handed_out, check_resolve_choice, find_ids, hand_out
+from ..generation import (
+    AUTO, GenerationResult, RESOLVE_RETRIEVED, SoftPromptReader,
+    check_handed_out, check_resolve_choice, find_ids, hand_out,
+)
 from ..store import SoftPromptStore
 
 R = TypeVar("R")

@@ -27,7 +27,7 @@ import queue as queue_module
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
@@ -127,13 +127,17 @@ def generate_batch(
     adapter: Optional[str],
     max_new_tokens: Optional[int] = None,
     batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    progress: Union[bool, str] = False,
 ) -> list["GenerationResult"]:
     """Answer many message lists; prompts are sorted by length into sub-batches of ``batch_size``.
 
     Sorting keeps rows of similar length together, so little compute goes to
     padding. Results come back in input order. Errors of any prompt (unknown
     placeholder, context budget) raise before anything is generated.
+    ``progress`` shows a bar per answer (a string names it).
     """
+    from tqdm.auto import tqdm
+
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
     limit = max_new_tokens or reader.max_new_tokens
@@ -141,12 +145,15 @@ def generate_batch(
     prepared = [reader.prepare(m, max_new_tokens=limit) for m in messages_list]
     order = sorted(range(len(prepared)), key=lambda i: prepared[i].positions)
     results: list[Optional["GenerationResult"]] = [None] * len(prepared)
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        batch = generate_prepared_batch(reader, [prepared[i] for i in idx], adapter=resolved,
-                                        max_new_tokens=[limit] * len(idx))
-        for i, r in zip(idx, batch):
-            results[i] = r
+    desc = progress if isinstance(progress, str) else "answering"
+    with tqdm(total=len(order), desc=desc, unit="answer", disable=not progress) as bar:
+        for s in range(0, len(order), batch_size):
+            idx = order[s : s + batch_size]
+            batch = generate_prepared_batch(reader, [prepared[i] for i in idx], adapter=resolved,
+                                            max_new_tokens=[limit] * len(idx))
+            for i, r in zip(idx, batch):
+                results[i] = r
+            bar.update(len(idx))
     return results  # type: ignore[return-value]
 
 

@@ -36,7 +36,7 @@ import logging
 import re
 import urllib.request
 import warnings
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -131,8 +131,10 @@ class VLLMReader(SoftPromptReader):
 
     # ---------------------------------------------------------- generation
     def generate_batch(self, list_of_messages: Sequence[Sequence[Message]], *, adapter: Optional[str] = AUTO,
-                       max_new_tokens: Optional[int] = None, batch_size: int = 0) -> list[GenerationResult]:
-        """All prompts in ONE ``LLM.generate`` call (vLLM batches continuously); ``batch_size`` is ignored."""
+                       max_new_tokens: Optional[int] = None, batch_size: int = 0,
+                       progress: Union[bool, str] = False) -> list[GenerationResult]:
+        """All prompts in ONE ``LLM.generate`` call (vLLM batches continuously); ``batch_size`` is ignored and
+        ``progress`` turns on vLLM's own bar."""
         limit = max_new_tokens or self.max_new_tokens
         resolved = self.resolve_adapter(adapter)
         prepared = [self.prepare(m, max_new_tokens=limit) for m in list_of_messages]
@@ -140,11 +142,12 @@ class VLLMReader(SoftPromptReader):
         if reason is not None:
             warnings.warn(f"vLLM backend: answering {len(prepared)} request(s) with the HF reader: {reason}.", stacklevel=2)
             self.fallbacks += len(prepared)
-            return SoftPromptReader.generate_batch(self, list_of_messages, adapter=resolved, max_new_tokens=limit)
+            return SoftPromptReader.generate_batch(self, list_of_messages, adapter=resolved, max_new_tokens=limit,
+                                                   progress=progress)
         lora = self._lora_request(resolved)
         outputs = self.engine.generate([{"prompt_embeds": self._embeds(p)} for p in prepared], self._sampling(limit),
                                        lora_request=[lora] * len(prepared) if lora is not None else None,
-                                       use_tqdm=False)
+                                       use_tqdm=bool(progress))
         return [GenerationResult(text=o.outputs[0].text.strip(), prompt=p, new_tokens=len(o.outputs[0].token_ids))
                 for o, p in zip(outputs, prepared)]
 

@@ -25,8 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..eval.metrics import exact_match, f1_score
-from ..generation import SoftPromptReader
-from ..generation import make_placeholder
+from ..generation import SoftPromptReader, make_placeholder
 from ..store import SoftPromptStore
 from .data import QAExample, Window, context_text, load_documents, make_windows, tokenize_documents
 from .objectives import (
@@ -123,7 +122,7 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
 # ------------------------------------------------------------------------ QA
 @torch.no_grad()
 def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional[str] = None,
-                max_new_tokens: int = 24, batch_size: int = 8) -> dict[str, float]:
+                max_new_tokens: int = 24, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
     """Greedy answers with the soft prompt vs full text vs closed book, same prompt template, through the query path.
 
     Each context is compressed into a :class:`SoftPromptStore` and every answer comes from
@@ -138,7 +137,7 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     store = SoftPromptStore.for_compressor(compressor)
     reader = SoftPromptReader(compressor.backbone, store, compressor=compressor)
     contexts = [context_text(ex) for ex in qa]
-    ids = store.add(contexts, compressor) if qa else []
+    ids = store.add(contexts, compressor, progress=progress) if qa else []
     prompts = {"soft": [qa_messages(ex.question, make_placeholder(i)) for ex, i in zip(qa, ids)],
                "full": [qa_messages(ex.question, c) for ex, c in zip(qa, contexts)],
                "closed": [qa_messages(ex.question, None) for ex in qa]}
@@ -149,7 +148,8 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     n = max(len(qa), 1)
     for name, adapter in runs:
         answers = reader.generate_batch(prompts[name.replace("_reader", "")], adapter=adapter,
-                                        max_new_tokens=max_new_tokens, batch_size=batch_size) if qa else []
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        progress=f"eval {name}" if progress else False) if qa else []
         out[f"qa_{name}_em"] = sum(exact_match(a.text, ex.references) for a, ex in zip(answers, qa)) / n
         out[f"qa_{name}_f1"] = sum(f1_score(a.text, ex.references) for a, ex in zip(answers, qa)) / n
     gap = out["qa_full_f1"] - out["qa_closed_f1"]
@@ -216,7 +216,8 @@ def evaluate_query_path(compressor, examples: Sequence, *, max_new_tokens: int =
     out: dict[str, float] = {}
     for name, adapter in runs:
         batch = prompts[name.replace("_base", "")]
-        answers = reader.generate_batch(batch, adapter=adapter, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        answers = reader.generate_batch(batch, adapter=adapter, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                        progress=f"eval {name}" if progress else False)
         out[f"qa_{name}_em"] = sum(exact_match(a.text, ex.answers) for a, ex in zip(answers, examples)) / len(examples)
         out[f"qa_{name}_f1"] = sum(f1_score(a.text, ex.answers) for a, ex in zip(answers, examples)) / len(examples)
         if name == "soft":

@@ -35,8 +35,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..generation import Piece, SoftPromptReader, embed_pieces
-from ..generation import SoftPromptRef, make_placeholder
+from ..generation import Piece, SoftPromptReader, SoftPromptRef, embed_pieces, make_placeholder
 from ..precision import autocast
 from .data import QAExample, Window, context_text
 

@@ -26,9 +26,8 @@ from lloco_index.compressors.autocompressor import (
 )
 from lloco_index.compressors.loading import load_compressor
 from lloco_index.errors import ModelNotFoundError
-from lloco_index.generation import SoftPromptReader
+from lloco_index.generation import SoftPromptReader, make_placeholder
 from lloco_index.precision import autocast
-from lloco_index.generation import make_placeholder
 from lloco_index.store import SoftPromptStore
 
 SUMMARY_LENGTH = 4

@@ -17,9 +17,8 @@ from lloco_index.errors import (
     StoreMismatchError,
     UnknownPlaceholderError,
 )
-from lloco_index.generation import SoftPromptReader
+from lloco_index.generation import SoftPromptReader, SoftPromptRef, find_ids, make_placeholder, split_prompt
 from lloco_index.precision import generation_autocast
-from lloco_index.generation import SoftPromptRef, find_ids, make_placeholder, split_prompt
 from lloco_index.store import SoftPromptStore
 
 from helpers import CountingCompressor

@@ -17,8 +17,7 @@ from lloco_index.backbone import Backbone
 from lloco_index.compressors import ICAECompressor, ICAEConfig, TokenEmbeddingCompressor, load_compressor
 from lloco_index.errors import UnsupportedModelError
 from lloco_index.families import SUPPORTED_FAMILIES
-from lloco_index.generation import SoftPromptReader
-from lloco_index.generation import make_placeholder
+from lloco_index.generation import SoftPromptReader, make_placeholder
 from lloco_index.store import SoftPromptStore
 
 from helpers import FACTS, PROSE as TEXT, greedy_plain as _greedy_plain, pretrain_config

@@ -27,8 +27,7 @@ from llama_index.core.base.llms.types import ChatMessage, MessageRole
 from lloco_index.backbone import Backbone
 from lloco_index.compressors import TokenEmbeddingCompressor
 from lloco_index.errors import UnknownPlaceholderError
-from lloco_index.generation import SoftPromptReader
-from lloco_index.generation import make_placeholder
+from lloco_index.generation import SoftPromptReader, make_placeholder
 from lloco_index.serving.batching import BatchingQueue, generate_prepared_batch, left_pad
 from lloco_index.store import SoftPromptStore
 from tiny_models import smollm2_tokenizer, tiny_llama
@@ -98,6 +97,16 @@ def test_generate_batch_equals_one_by_one(seed):
     assert [r.prompt.positions for r in batched] == [r.prompt.positions for r in single]
     assert any(r.text for r in single)  # a real comparison, not of empty strings
     assert [r.text for r in reader.batch(msgs[:2])] == [r.text for r in single[:2]]
+
+
+def test_generate_batch_progress_bar_counts_answers(reader, capsys):
+    msgs = _requests(reader)
+    quiet = reader.generate_batch(msgs, batch_size=4)
+    assert "eval soft" not in capsys.readouterr().err
+    shown = reader.generate_batch(msgs, batch_size=4, progress="eval soft")
+    err = capsys.readouterr().err
+    assert "eval soft" in err and f"{len(msgs)}/{len(msgs)}" in err  # the bar reached every answer
+    assert [r.text for r in shown] == [r.text for r in quiet]
 
 
 def test_comparison_detects_a_wrong_mask(reader, monkeypatch):

@@ -13,8 +13,7 @@ import json
 import pytest
 import torch
 
-from lloco_index.generation import SoftPromptReader
-from lloco_index.generation import find_ids
+from lloco_index.generation import SoftPromptReader, find_ids
 from lloco_index.store import SoftPromptStore
 from lloco_index.training.evaluate import _with_ids, evaluate_query_path
 from lloco_index.training.pretrain import TEACHER_ADAPTER, PretrainConfig, build_compressor, export_checkpoint, pretrain
