@@ -30,7 +30,7 @@ from torch import nn
 from .. import defaults
 from ..backbone import Backbone
 from ..errors import ModelNotFoundError
-from ..families import LORA_TARGETS  # noqa: F401  (training imports it from here)
+from ..families import LORA_TARGETS
 from ..precision import autocast
 from .base import BaseCompressor, CompressorConfig, check_compressor_config
 from .projection import SoftPromptProjection

@@ -200,7 +200,7 @@ def build_compressor(config: PretrainConfig, backbone: Backbone) -> ICAECompress
     """A fresh (or ``init_from``) compressor + reader adapter with the right parameters trainable."""
     from peft import LoraConfig
 
-    from ..compressors.icae import LORA_TARGETS
+    from ..families import LORA_TARGETS
 
     if config.method == "autocompressor":
         return _build_autocompressor(config, backbone)
@@ -252,7 +252,7 @@ def _build_autocompressor(config: PretrainConfig, backbone: Backbone) -> AutoCom
     from peft import LoraConfig
 
     from ..compressors.autocompressor import READER_ADAPTER
-    from ..compressors.icae import LORA_TARGETS
+    from ..families import LORA_TARGETS
 
     compressor = AutoCompressor(backbone, AutoCompressorConfig(n_slots=config.n_slots, segment_length=config.segment_length))
     backbone.add_adapter(READER_ADAPTER, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
