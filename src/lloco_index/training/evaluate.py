@@ -51,7 +51,7 @@ def held_out_windows(backbone, data_dir, n: int, segment_length: int, continuati
     return [windows[int(i * step)] for i in range(n)]
 
 
-def _derangement(n: int) -> list[int]:
+def derangement(n: int) -> list[int]:
     """Another chunk for every chunk: halfway round the list, so usually another document."""
     if n < 2:
         raise ValueError("The shuffled-slot control needs at least 2 eval windows.")
@@ -84,7 +84,7 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
     backbone = compressor.backbone
     reader = SoftPromptReader(backbone, compressor=compressor)
     windows = list(windows)
-    other = _derangement(len(windows))
+    other = derangement(len(windows))
     soft = []
     for i in range(0, len(windows), batch_size):
         soft.extend(compressor.encode([w.segment for w in windows[i : i + batch_size]]))
@@ -205,7 +205,7 @@ def evaluate_query_path(compressor, examples: Sequence, *, max_new_tokens: int =
         prompts.setdefault("full", []).append(ex.teacher_messages)
         prompts.setdefault("closed", []).append(ex.closed_messages)
     if shuffled and len(examples) > 1:
-        order = _derangement(len(examples))
+        order = derangement(len(examples))
         for ex, other in zip(examples, (examples[k] for k in order)):
             other_ids = [id_of[other.chunks[j]] for j in other.soft_chunks] or list(id_of.values())[:1]
             ids = {chunk_ref(j): other_ids[i % len(other_ids)] for i, j in enumerate(ex.soft_chunks)}

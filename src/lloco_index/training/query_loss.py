@@ -15,7 +15,7 @@ the functions a query goes through, so what is trained is what queries read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import torch
@@ -104,20 +104,45 @@ def distill_loss(reader: SoftPromptReader, examples: Sequence[QueryExample], sof
 
 @torch.no_grad()
 def held_out_distill_loss(compressor, examples: Sequence[QueryExample], *, teacher_adapter: Optional[str],
-                          weights: Optional[DistillWeights] = None, batch_size: int = 4) -> dict[str, float]:
+                          weights: Optional[DistillWeights] = None, batch_size: int = 4,
+                          controls: bool = False) -> dict[str, float]:
     """Per-token ``distill`` losses on held-out examples, teacher-forced (no generation: cheap enough for
-    every checkpoint). ``kl`` is what the compressed reader still misses of the teacher reading the text."""
+    every checkpoint). ``kl`` is what the compressed reader still misses of the teacher reading the text.
+
+    ``controls`` adds the lines the soft prompts must beat, with the same reader adapter: ``closed_*``
+    (the query's template with no context) and ``shuffled_*`` (each soft prompt taken from another example,
+    halfway round the list). ``heldout_kl_share`` = (closed KL - KL) / closed KL: the part of the distance
+    between the closed-book reader and the reader of the text that the soft prompts close.
+    """
+    from .evaluate import derangement
+
     weights = weights or DistillWeights()
     reader = SoftPromptReader(compressor.backbone, compressor=compressor)
-    sums: dict[str, float] = {}
-    tokens = 0
-    for i in range(0, len(examples), batch_size):
-        batch = list(examples[i : i + batch_size])
-        segments = [chunk_segments(reader, ex, compressor.segment_length) for ex in batch]
-        soft = [compressor.encode(segs) if segs else [] for segs in segments]
-        report = distill_loss(reader, batch, soft, student_adapter=compressor.reader_adapter,
-                              teacher_adapter=teacher_adapter, weights=weights)
-        for k, v in report.parts.items():
-            sums[k] = sums.get(k, 0.0) + v * report.n_tokens
-        tokens += report.n_tokens
-    return {f"heldout_{k}": v / max(tokens, 1) for k, v in sums.items()} | {"heldout_tokens": float(tokens)}
+    examples = list(examples)
+    soft: list[list[torch.Tensor]] = []
+    for ex in examples:  # one example per encode call keeps the compressed batch small; the cost is the decoder's
+        segments = chunk_segments(reader, ex, compressor.segment_length)
+        soft.append(compressor.encode(segments) if segments else [])
+    lines = {"heldout": (examples, soft)}
+    if controls:
+        closed = [replace(ex, messages=ex.closed_messages, expand=[True] * len(ex.chunks)) for ex in examples]
+        lines["heldout_closed"] = (closed, [[] for _ in examples])
+        pool = [s for s in soft if s]
+        if len(examples) > 1 and pool:
+            other = [soft[k] or pool[0] for k in derangement(len(examples))]
+            lines["heldout_shuffled"] = (examples, [[o[i % len(o)] for i in range(len(s))] for s, o in zip(soft, other)])
+    out: dict[str, float] = {}
+    for prefix, (exs, prompts) in lines.items():
+        sums: dict[str, float] = {}
+        tokens = 0
+        for i in range(0, len(exs), batch_size):
+            report = distill_loss(reader, exs[i : i + batch_size], prompts[i : i + batch_size],
+                                  student_adapter=compressor.reader_adapter, teacher_adapter=teacher_adapter,
+                                  weights=weights)
+            for k, v in report.parts.items():
+                sums[k] = sums.get(k, 0.0) + v * report.n_tokens
+            tokens += report.n_tokens
+        out |= {f"{prefix}_{k}": v / max(tokens, 1) for k, v in sums.items()} | {f"{prefix}_tokens": float(tokens)}
+    if controls and out.get("heldout_closed_kl", 0) > 0:
+        out["heldout_kl_share"] = (out["heldout_closed_kl"] - out["heldout_kl"]) / out["heldout_closed_kl"]
+    return out

@@ -24,7 +24,7 @@ from lloco_index.training.query_data import (
     load_query_examples,
     write_query_examples,
 )
-from lloco_index.training.query_loss import DistillWeights, _row, chunk_segments, distill_loss
+from lloco_index.training.query_loss import DistillWeights, _row, chunk_segments, distill_loss, held_out_distill_loss
 
 from tiny_models import smollm2_tokenizer, tiny_backbone
 
@@ -169,6 +169,22 @@ def test_distill_needs_its_file_and_a_teacher_source(tmp_path):
         config(tmp_path).check()
     with pytest.raises(ValueError, match="has no reader/ directory"):
         config(tmp_path, distill_file="x.jsonl", teacher="init_reader").check()
+
+
+def test_held_out_curve_controls_are_the_closed_book_and_another_examples_slots(examples, tmp_path):
+    backbone = tiny_backbone()
+    compressor = build_compressor(config(tmp_path), backbone)
+    paragraph = [e for e in examples if e.kind == "paragraph"][:4]
+    plain = held_out_distill_loss(compressor, paragraph, teacher_adapter=None)
+    lines = held_out_distill_loss(compressor, paragraph, teacher_adapter=None, controls=True)
+    assert "heldout_closed_kl" not in plain
+    assert lines["heldout_kl"] == pytest.approx(plain["heldout_kl"])  # the controls leave the main line alone
+    assert lines["heldout_closed_kl"] != pytest.approx(lines["heldout_kl"])
+    assert lines["heldout_shuffled_kl"] != pytest.approx(lines["heldout_kl"])
+    assert lines["heldout_kl_share"] == pytest.approx(1 - lines["heldout_kl"] / lines["heldout_closed_kl"])
+    # Every example the same: the shuffled slots are the example's own, so that line is the main one.
+    same = held_out_distill_loss(compressor, [paragraph[0]] * 2, teacher_adapter=None, controls=True)
+    assert same["heldout_shuffled_kl"] == pytest.approx(same["heldout_kl"])
 
 
 def test_query_path_evaluation_reports_the_reader_lines(examples, tmp_path):
