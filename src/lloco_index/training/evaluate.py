@@ -20,7 +20,7 @@ normalised score (soft - closed) / (full - closed).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeVar
 
 import torch
 
@@ -37,6 +37,8 @@ from .objectives import (
     qa_messages,
     window_example,
 )
+
+T = TypeVar("T")
 
 
 def held_out_windows(backbone, data_dir, n: int, segment_length: int, continuation_length: int,
@@ -57,6 +59,16 @@ def derangement(n: int) -> list[int]:
         raise ValueError("The shuffled-slot control needs at least 2 eval windows.")
     shift = max(1, n // 2)
     return [(i + shift) % n for i in range(n)]
+
+
+def shuffled_slots(per_example: Sequence[Sequence[T]], fallback: Sequence[T]) -> list[list[T]]:
+    """The shuffled-slot control: each example's soft prompts replaced by another example's
+    (:func:`derangement`), cycled to the example's own count; ``fallback`` stands in where the other has none."""
+    out = []
+    for own, k in zip(per_example, derangement(len(per_example))):
+        other = list(per_example[k]) or list(fallback)
+        out.append([other[i % len(other)] for i in range(len(own))])
+    return out
 
 
 @torch.no_grad()
@@ -122,7 +134,7 @@ def evaluate_compressor(compressor, windows: Sequence[Window], *, reader_adapter
 # ------------------------------------------------------------------------ QA
 @torch.no_grad()
 def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional[str] = None,
-                max_new_tokens: int = 24, batch_size: int = 8, progress: bool = False) -> dict[str, float]:
+                max_new_tokens: int = 24, batch_size: int = 8) -> dict[str, float]:
     """Greedy answers with the soft prompt vs full text vs closed book, same prompt template, through the query path.
 
     Each context is compressed into a :class:`SoftPromptStore` and every answer comes from
@@ -137,7 +149,7 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     store = SoftPromptStore.for_compressor(compressor)
     reader = SoftPromptReader(compressor.backbone, store, compressor=compressor)
     contexts = [context_text(ex) for ex in qa]
-    ids = store.add(contexts, compressor, progress=progress) if qa else []
+    ids = store.add(contexts, compressor) if qa else []
     prompts = {"soft": [qa_messages(ex.question, make_placeholder(i)) for ex, i in zip(qa, ids)],
                "full": [qa_messages(ex.question, c) for ex, c in zip(qa, contexts)],
                "closed": [qa_messages(ex.question, None) for ex in qa]}
@@ -148,8 +160,7 @@ def evaluate_qa(compressor, qa: Sequence[QAExample], *, reader_adapter: Optional
     n = max(len(qa), 1)
     for name, adapter in runs:
         answers = reader.generate_batch(prompts[name.replace("_reader", "")], adapter=adapter,
-                                        max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                        progress=f"eval {name}" if progress else False) if qa else []
+                                        max_new_tokens=max_new_tokens, batch_size=batch_size) if qa else []
         out[f"qa_{name}_em"] = sum(exact_match(a.text, ex.references) for a, ex in zip(answers, qa)) / n
         out[f"qa_{name}_f1"] = sum(f1_score(a.text, ex.references) for a, ex in zip(answers, qa)) / n
     gap = out["qa_full_f1"] - out["qa_closed_f1"]
@@ -205,11 +216,9 @@ def evaluate_query_path(compressor, examples: Sequence, *, max_new_tokens: int =
         prompts.setdefault("full", []).append(ex.teacher_messages)
         prompts.setdefault("closed", []).append(ex.closed_messages)
     if shuffled and len(examples) > 1:
-        order = derangement(len(examples))
-        for ex, other in zip(examples, (examples[k] for k in order)):
-            other_ids = [id_of[other.chunks[j]] for j in other.soft_chunks] or list(id_of.values())[:1]
-            ids = {chunk_ref(j): other_ids[i % len(other_ids)] for i, j in enumerate(ex.soft_chunks)}
-            prompts.setdefault("shuffled", []).append(_with_ids(ex.messages, ids))
+        own = [[id_of[ex.chunks[j]] for j in ex.soft_chunks] for ex in examples]
+        for ex, ids in zip(examples, shuffled_slots(own, list(id_of.values())[:1])):
+            prompts.setdefault("shuffled", []).append(_with_ids(ex.messages, dict(zip(map(chunk_ref, ex.soft_chunks), ids))))
     runs = [(name, "auto") for name in prompts]
     if base_lines:
         runs += [("full_base", None), ("closed_base", None)]

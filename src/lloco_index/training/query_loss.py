@@ -114,7 +114,7 @@ def held_out_distill_loss(compressor, examples: Sequence[QueryExample], *, teach
     halfway round the list). ``heldout_kl_share`` = (closed KL - KL) / closed KL: the part of the distance
     between the closed-book reader and the reader of the text that the soft prompts close.
     """
-    from .evaluate import derangement
+    from .evaluate import shuffled_slots
 
     weights = weights or DistillWeights()
     reader = SoftPromptReader(compressor.backbone, compressor=compressor)
@@ -129,8 +129,7 @@ def held_out_distill_loss(compressor, examples: Sequence[QueryExample], *, teach
         lines["heldout_closed"] = (closed, [[] for _ in examples])
         pool = [s for s in soft if s]
         if len(examples) > 1 and pool:
-            other = [soft[k] or pool[0] for k in derangement(len(examples))]
-            lines["heldout_shuffled"] = (examples, [[o[i % len(o)] for i in range(len(s))] for s, o in zip(soft, other)])
+            lines["heldout_shuffled"] = (examples, shuffled_slots(soft, pool[0]))
     out: dict[str, float] = {}
     for prefix, (exs, prompts) in lines.items():
         sums: dict[str, float] = {}
